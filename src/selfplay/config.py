@@ -1,0 +1,331 @@
+"""One config schema for every command: a YAML recipe plus `--key value` overrides.
+
+Each field carries its help text, the commands it applies to, accepted choices and the
+aliases the official SPIN scripts used (`--model`, `--input_dir`). Loading is fail-fast:
+an unknown key names the nearest valid one, a bad value names the option and what it accepts,
+and a key that does not apply to the command is refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfplay.errors import SelfplayError
+
+# Groups of options; each command declares the groups it reads.
+MODEL, DATA, GEN, SCORE, CONVERT, EVAL, TASKS = "model", "data", "gen", "score", "convert", "eval", "tasks"
+
+COMMAND_GROUPS: dict[str, set[str]] = {
+    "generate": {MODEL, DATA, GEN, SCORE, TASKS},
+    "score": {MODEL, DATA, SCORE, TASKS},
+    "convert": {CONVERT},
+    "evaluate": {MODEL, DATA, EVAL, TASKS},
+    "tasks": {TASKS},
+}
+
+
+def opt(default: Any, help: str, groups: set[str] | str, *, choices: tuple | None = None,
+        aliases: tuple[str, ...] = (), default_factory=None,
+        command_defaults: dict[str, Any] | None = None) -> Any:
+    meta = {"help": help, "groups": {groups} if isinstance(groups, str) else set(groups),
+            "choices": choices, "aliases": aliases, "command_defaults": command_defaults or {}}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # --- model -------------------------------------------------------------------------
+    model_name_or_path: str = opt(
+        "default", "Model to load: 'default' (the embedded SmolLM2-135M-Instruct), a hub id, "
+        "a local checkpoint directory or a .gguf file.", {MODEL}, aliases=("model",))
+    device: str = opt("auto", "Device: auto (GPU when present), cpu or cuda.", {MODEL},
+                      choices=("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, "
+                     "bfloat16 or float16.", {MODEL},
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    # --- data --------------------------------------------------------------------------
+    dataset: str = opt(
+        "builtin:tasks", "Prompts and reference answers: 'builtin:tasks' (the bundled task suite), "
+        "a hub dataset id, a .jsonl/.json/.parquet file or a directory of them.", {DATA},
+        aliases=("input_dir",))
+    split: str = opt("train", "Dataset split to read.", {DATA})
+    dataset_layout: str = opt(
+        "auto", "Row layout; auto detects it from the columns.", {DATA},
+        choices=("auto", "messages", "spin", "prompt_completion", "alpaca", "preference"))
+    reference_turn: str = opt(
+        "first", "Which assistant turn of a chat is the reference answer: first (as in the SPIN "
+        "paper) or last; earlier turns stay in the prompt.", {DATA}, choices=("first", "last"))
+    skip_bad_rows: bool = opt(False, "Skip malformed rows (they are counted and reported) instead "
+                              "of stopping at the first one.", {DATA})
+    max_prompts: int = opt(0, "Use only the first N prompts of the split (0: all).", {DATA})
+    # --- generation --------------------------------------------------------------------
+    output_dir: str = opt("generated", "Where the command writes its output.",
+                          {GEN, SCORE, CONVERT, EVAL},
+                          command_defaults={"convert": "pairs", "score": "scored",
+                                            "evaluate": "eval"})
+    batch_size: int = opt(0, "Prompts per batch (0: 64 on CPU, 128 on GPU).", {GEN, SCORE, EVAL})
+    data_frac: int = opt(0, "Which fraction of the split to process (with frac_len).", {GEN})
+    frac_len: int = opt(0, "Prompts per fraction; 0 takes the whole split as fraction 0.", {GEN})
+    max_new_tokens: int = opt(256, "Most tokens generated per response (the paper: 256).",
+                              {GEN, EVAL})
+    temperature: float = opt(0.0, "Sampling temperature; 0 is greedy decoding (the paper's HF "
+                             "generation).", {GEN})
+    top_p: float = opt(1.0, "Nucleus sampling mass (used when temperature > 0).", {GEN})
+    num_samples: int = opt(1, "Responses per prompt (SPIN: 1; SPPO: 5). More than one needs "
+                           "temperature > 0.", {GEN})
+    seed: int = opt(42, "Random seed of sampling.", {GEN})
+    overwrite: bool = opt(False, "Redo finished shards instead of skipping them.", {GEN, SCORE})
+    score: bool = opt(False, "Right after generating, score references and responses with the "
+                      "same model (stored reference log-probs).", {GEN})
+    # --- scoring -----------------------------------------------------------------------
+    max_length: int = opt(1024, "Most tokens of prompt + response when scoring and training.",
+                          {SCORE, GEN})
+    max_prompt_length: int = opt(512, "Most prompt tokens kept (from the end) when prompt + "
+                                 "response exceed max_length.", {SCORE, GEN})
+    logprob_chunk_size: int = opt(1024, "Response positions whose logits are computed at once.",
+                                  {SCORE, GEN, EVAL})
+    # --- convert -----------------------------------------------------------------------
+    shards_dir: str = opt("generated", "Directory of generation shards to merge.", {CONVERT},
+                          aliases=("input_dir",))
+    num_fracs: int = opt(0, "Number of train fractions expected (0: whatever is there); the test "
+                         "split is whatever was generated.",
+                         {CONVERT})
+    allow_missing_shards: bool = opt(False, "Go on when a fraction or a process shard is missing.",
+                                     {CONVERT})
+    # --- evaluation --------------------------------------------------------------------
+    baseline: str = opt("", "A second model to compare against: head-to-head win rate on the "
+                        "same prompts.", {EVAL})
+    # --- task suite --------------------------------------------------------------------
+    tasks_train_size: int = opt(2000, "Examples in the bundled suite's train split.", {TASKS},
+                                aliases=("n",))
+    tasks_test_size: int = opt(200, "Examples in the bundled suite's test split.", {TASKS})
+    tasks_seed: int = opt(0, "Seed of the bundled task suite (the same seed, the same tasks).",
+                          {TASKS}, aliases=("seed",))
+    export_format: str = opt("jsonl", "File format of `selfplay tasks export`.", {TASKS},
+                             choices=("jsonl", "parquet"))
+
+    def validate(self, command: str | None = None) -> None:
+        """Cross-option checks that a single value's type cannot express."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise SelfplayError(msg)
+        need(self.batch_size >= 0, "--batch_size must be 0 (automatic) or a positive integer.")
+        need(self.frac_len >= 0, "--frac_len must be 0 (whole split) or a positive integer.")
+        need(self.data_frac >= 0, "--data_frac must be a non-negative integer.")
+        need(self.frac_len > 0 or self.data_frac == 0,
+             f"--data_frac {self.data_frac} needs --frac_len > 0 (with frac_len 0 the whole split "
+             "is fraction 0).")
+        need(self.max_new_tokens > 0, "--max_new_tokens must be positive.")
+        need(self.temperature >= 0, "--temperature must be 0 (greedy) or positive.")
+        need(0 < self.top_p <= 1, "--top_p must lie in (0, 1].")
+        need(self.num_samples >= 1, "--num_samples must be at least 1.")
+        need(self.num_samples == 1 or self.temperature > 0,
+             f"--num_samples {self.num_samples} with --temperature 0 would give identical greedy "
+             "responses; set --temperature > 0 (the SPPO paper uses 0.7 with --top_p 0.9).")
+        need(self.max_prompts >= 0, "--max_prompts must be 0 (all) or positive.")
+        need(self.max_length > 0 and self.max_prompt_length > 0,
+             "--max_length and --max_prompt_length must be positive.")
+        need(self.max_prompt_length < self.max_length,
+             f"--max_prompt_length ({self.max_prompt_length}) must be smaller than --max_length "
+             f"({self.max_length}), or no response token would fit.")
+        need(self.logprob_chunk_size > 0, "--logprob_chunk_size must be positive.")
+        need(self.num_fracs >= 0, "--num_fracs must be 0 (whatever is there) or positive.")
+        need(self.tasks_train_size > 0 and self.tasks_test_size > 0,
+             "--tasks_train_size and --tasks_test_size must be positive.")
+
+
+# ---------------------------------------------------------------------------------------
+# Schema introspection
+# ---------------------------------------------------------------------------------------
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+ALIASES: dict[str, list[str]] = {}
+for _f in FIELDS.values():
+    for _a in _f.metadata["aliases"]:
+        ALIASES.setdefault(_a, []).append(_f.name)
+_HINTS = typing.get_type_hints(Config)
+
+
+def fields_for(command: str) -> list[dataclasses.Field]:
+    groups = COMMAND_GROUPS.get(command, set())
+    return [f for f in FIELDS.values() if f.metadata["groups"] & groups]
+
+
+def _canonical(key: str, command: str | None = None) -> str:
+    """The field a key names; an alias shared by two fields resolves by the command's groups."""
+    key = key.strip().lstrip("-").replace("-", "_")
+    targets = ALIASES.get(key)
+    groups = COMMAND_GROUPS.get(command or "", set())
+    if not targets or (key in FIELDS and (command is None or FIELDS[key].metadata["groups"] & groups)):
+        return key
+    return next((t for t in targets if FIELDS[t].metadata["groups"] & groups), targets[0])
+
+
+def _type_name(tp: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp))
+
+
+def coerce(name: str, value: Any, source: str = "") -> Any:
+    """Turn a YAML or command-line value into the field's type, or say what the option takes."""
+    f = FIELDS[name]
+    tp = _HINTS[name]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    where = f" in {source}" if source else ""
+    takes = f"one of: {', '.join(map(str, f.metadata['choices']))}" if f.metadata["choices"] \
+        else _type_name(tp)
+    bad = SelfplayError(f"option --{name}{where} got {value!r}, but it takes {takes}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            out = True
+        elif isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            out = False
+        else:
+            raise bad
+    elif tp is int:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            out = int(value) if not isinstance(value, float) or value.is_integer() else None
+        except (TypeError, ValueError):
+            out = None
+        if out is None:
+            raise bad
+    elif tp is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    elif tp is str:
+        if isinstance(value, (dict, list)):
+            raise bad
+        out = str(value)
+    else:  # pragma: no cover - the schema holds only the types above
+        out = value
+    choices = f.metadata["choices"]
+    if choices and out not in choices:
+        raise bad
+    return out
+
+
+def _unknown(key: str, valid: list[str], source: str, command: str | None) -> SelfplayError:
+    where = f" in {source}" if source else ""
+    everything = list(FIELDS) + list(ALIASES)
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) or \
+        difflib.get_close_matches(key, everything, n=1, cutoff=0.6)
+    if key in FIELDS and command:
+        return SelfplayError(f"option --{key}{where} does not apply to `selfplay {command}`; "
+                             f"`selfplay {command} --help` lists the options it takes.")
+    hint = f"; did you mean --{near[0]}?" if near else \
+        f"; `selfplay {command or ''} --help` lists the valid options."
+    return SelfplayError(f"unknown option --{key}{where}{hint}")
+
+
+def parse_overrides(args: list[str], command: str | None = None) -> list[tuple[str, str]]:
+    """`--key value`, `--key=value` and bare `--flag` (true), in order."""
+    out: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--") or tok == "--":
+            raise SelfplayError(f"unexpected argument {tok!r}: options are written --key value "
+                                "or --key=value.")
+        if "=" in tok:
+            k, v = tok[2:].split("=", 1)
+            i += 1
+        else:
+            k = tok[2:]
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            name = _canonical(k, command)
+            is_bool = name in FIELDS and _HINTS[name] is bool
+            if nxt is None or (nxt.startswith("--") and not _looks_negative_number(nxt)):
+                if not is_bool and name in FIELDS:
+                    raise SelfplayError(f"option --{name} needs a value.")
+                v = "true"
+                i += 1
+            elif is_bool and nxt.lower() not in ("true", "false", "1", "0", "yes", "no", "on",
+                                                 "off"):
+                v = "true"
+                i += 1
+            else:
+                v = nxt
+                i += 2
+        out.append((k, v))
+    return out
+
+
+def _looks_negative_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(command: str, recipe: str | Path | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Defaults, then the recipe's keys, then the command line; validated before returning."""
+    valid = [f.name for f in fields_for(command)]
+    valid_set = set(valid)
+    values: dict[str, Any] = {f.name: f.metadata["command_defaults"][command]
+                              for f in FIELDS.values() if command in f.metadata["command_defaults"]}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise SelfplayError(f"recipe {path} does not exist.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SelfplayError(f"recipe {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise SelfplayError(f"recipe {path} must be a mapping of option: value.")
+        for key, value in data.items():
+            name = _canonical(str(key), command)
+            if name not in FIELDS:
+                raise _unknown(name, valid, str(path), None)
+            # A recipe may hold keys of other commands (one recipe for a whole run).
+            values[name] = coerce(name, value, str(path))
+    for key, value in parse_overrides(overrides or [], command):
+        name = _canonical(key, command)
+        if name not in valid_set:
+            raise _unknown(name, valid, "", command)
+        values[name] = coerce(name, value)
+    cfg = Config(**values)
+    cfg.validate(command)
+    return cfg
+
+
+def format_help(command: str) -> str:
+    lines = []
+    for f in fields_for(command):
+        names = ", ".join([f"--{f.name}"] + [f"--{a}" for a in f.metadata["aliases"]
+                                              if _canonical(a, command) == f.name])
+        default = f.metadata["command_defaults"].get(
+            command, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        tp = _type_name(_HINTS[f.name])
+        lines.append(f"  {names}  ({tp}, default: {default!r})")
+        text = f.metadata["help"]
+        if f.metadata["choices"]:
+            text += f" Choices: {', '.join(map(str, f.metadata['choices']))}."
+        lines.extend("      " + ln for ln in _wrap(text, 86))
+    return "\n".join(lines)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+    return textwrap.wrap(text, width) or [""]

@@ -1,0 +1,325 @@
+"""Read any supported dataset layout into one record type: prompt_id, prompt messages, reference.
+
+Layouts (detected from the columns, or named with --dataset_layout):
+  messages           UltraChat-style `messages` (+ optional `prompt`, `prompt_id`)
+  spin               the published SPIN pairs: `real`, `generated` (lists of {role, content})
+  prompt_completion  `prompt` / `completion` (strings, or TRL's conversational lists)
+  alpaca             `instruction`, `input`, `output`
+  preference         `prompt`, `chosen`, `rejected` (TRL and SPPO); the reference is `chosen`
+
+A malformed row stops the read with the file and row named, unless skip_bad_rows is set, in
+which case it is skipped and counted in the result. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from selfplay.errors import SelfplayError
+
+LAYOUTS = ("messages", "spin", "prompt_completion", "alpaca", "preference")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+BUILTIN_TASKS = "builtin:tasks"
+
+
+@dataclass
+class Example:
+    prompt_id: str
+    prompt: list[dict[str, str]]    # chat messages; the last one is a user turn
+    reference: str                  # the reference (real) answer
+    extra: dict[str, Any] = field(default_factory=dict)   # other columns, passed through
+
+
+@dataclass
+class ReadResult:
+    examples: list[Example]
+    layout: str
+    files: list[str]
+    skipped: list[str] = field(default_factory=list)   # "file: row N: reason"
+
+    def summary(self) -> str:
+        s = f"{len(self.examples)} examples ({self.layout} layout) from {len(self.files)} file(s)"
+        if self.skipped:
+            reasons = Counter(r.split(": ", 2)[-1] for r in self.skipped)
+            s += f"; skipped {len(self.skipped)} bad rows (" + \
+                ", ".join(f"{n}x {r}" for r, n in reasons.most_common(3)) + ")"
+        return s
+
+
+class RowError(ValueError):
+    """A row that cannot be read; the reader adds file and row number."""
+
+
+def prompt_hash(messages: list[dict[str, str]]) -> str:
+    blob = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# Row parsers: one per layout, each returning (prompt messages, reference)
+# ---------------------------------------------------------------------------------------
+
+def _check_messages(msgs: Any, column: str) -> list[dict[str, str]]:
+    if not isinstance(msgs, list) or not msgs:
+        raise RowError(f"`{column}` must be a non-empty list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
+                not isinstance(m.get("content"), str):
+            raise RowError(f"`{column}` message {i} is not a {{role, content}} pair of strings")
+        out.append({"role": m["role"], "content": m["content"]})
+    expected = "user"
+    for i, m in enumerate(out):
+        if i == 0 and m["role"] == "system":
+            continue
+        if m["role"] != expected:
+            raise RowError(f"roles out of order in `{column}`: message {i} is {m['role']!r}, "
+                           f"expected {expected!r}")
+        expected = "assistant" if expected == "user" else "user"
+    return out
+
+
+def _split_at_assistant(msgs: list[dict[str, str]], turn: str, column: str):
+    idx = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    if not idx:
+        raise RowError(f"`{column}` has no assistant turn to use as the reference")
+    i = idx[0] if turn == "first" else idx[-1]
+    return msgs[:i], msgs[i]["content"]
+
+
+def _as_prompt(value: Any, column: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(f"empty `{column}`")
+        return [{"role": "user", "content": value}]
+    msgs = _check_messages(value, column)
+    if msgs[-1]["role"] != "user":
+        raise RowError(f"`{column}` must end with a user turn")
+    return msgs
+
+
+def _as_answer(value: Any, column: str) -> str:
+    if isinstance(value, list):   # TRL conversational: [{"role": "assistant", ...}] (or full chat)
+        msgs = [m for m in value if isinstance(m, dict)]
+        if not msgs or msgs[-1].get("role") != "assistant" or \
+                not isinstance(msgs[-1].get("content"), str):
+            raise RowError(f"`{column}` must end with an assistant message")
+        value = msgs[-1]["content"]
+    if not isinstance(value, str):
+        raise RowError(f"`{column}` must be a string or a list of messages")
+    return value
+
+
+def _row_messages(row: dict, turn: str):
+    return _split_at_assistant(_check_messages(row.get("messages"), "messages"), turn, "messages")
+
+
+def _row_spin(row: dict, turn: str):
+    return _split_at_assistant(_check_messages(row.get("real"), "real"), "last", "real")
+
+
+def _row_prompt_completion(row: dict, turn: str):
+    if "prompt" not in row or "completion" not in row:
+        raise RowError("missing `prompt` or `completion`")
+    return _as_prompt(row["prompt"], "prompt"), _as_answer(row["completion"], "completion")
+
+
+def _row_alpaca(row: dict, turn: str):
+    ins, inp = row.get("instruction"), row.get("input") or ""
+    if not isinstance(ins, str) or not ins.strip():
+        raise RowError("missing or empty `instruction`")
+    if not isinstance(inp, str):
+        raise RowError("`input` must be a string")
+    text = ins.strip() + ("\n\n" + inp.strip() if inp.strip() else "")
+    return [{"role": "user", "content": text}], _as_answer(row.get("output"), "output")
+
+
+def _row_preference(row: dict, turn: str):
+    if "chosen" not in row or "rejected" not in row:
+        raise RowError("missing `chosen` or `rejected`")
+    chosen = row["chosen"]
+    if row.get("prompt") is not None:
+        prompt = _as_prompt(row["prompt"], "prompt")
+    elif isinstance(chosen, list):     # SPPO writes chosen = [user, assistant], prompt optional
+        prompt, _ = _split_at_assistant(_check_messages(chosen, "chosen"), "last", "chosen")
+    else:
+        raise RowError("missing `prompt` (and `chosen` is not a message list to take it from)")
+    _as_answer(row["rejected"], "rejected")
+    return prompt, _as_answer(chosen, "chosen")
+
+
+PARSERS = {"messages": _row_messages, "spin": _row_spin,
+           "prompt_completion": _row_prompt_completion, "alpaca": _row_alpaca,
+           "preference": _row_preference}
+# Columns a layout consumes; everything else is passed through in Example.extra.
+CONSUMED = {"messages": {"messages", "prompt", "prompt_id"}, "spin": {"real", "prompt_id"},
+            "prompt_completion": {"prompt", "completion", "prompt_id"},
+            "alpaca": {"instruction", "input", "output", "prompt_id"},
+            "preference": {"prompt", "chosen", "prompt_id"}}
+
+
+def detect_layout(columns: set[str], source: str) -> str:
+    if "real" in columns:
+        return "spin"
+    if {"chosen", "rejected"} <= columns:
+        return "preference"
+    if "messages" in columns:
+        return "messages"
+    if {"instruction", "output"} <= columns:
+        return "alpaca"
+    if {"prompt", "completion"} <= columns:
+        return "prompt_completion"
+    raise SelfplayError(
+        f"{source}: cannot tell the layout from its columns {sorted(columns)}; expected "
+        "`messages`, `real`/`generated`, `prompt`/`completion`, `instruction`/`output` or "
+        "`prompt`/`chosen`/`rejected` (or name it with --dataset_layout).")
+
+
+# ---------------------------------------------------------------------------------------
+# Sources: files, directories, hub ids, the bundled suite
+# ---------------------------------------------------------------------------------------
+
+def _iter_file(path: Path) -> Iterator[tuple[int, dict | Exception]]:
+    """(row number, row) pairs; a row that is not valid JSON comes back as the exception."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield n, RowError(f"not valid JSON ({e.msg})")
+                    continue
+                yield n, row if isinstance(row, dict) else RowError("not a JSON object")
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise SelfplayError(f"{path}: not valid JSON at line {e.lineno} ({e.msg}).") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise SelfplayError(f"{path}: a .json dataset must hold a list of rows.")
+        for n, row in enumerate(data, 1):
+            yield n, row if isinstance(row, dict) else RowError("not a JSON object")
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a bad file
+            raise SelfplayError(f"{path}: not a readable parquet file ({e}).") from None
+        for n, row in enumerate(table.to_pylist(), 1):
+            yield n, row
+    else:
+        raise SelfplayError(f"{path}: unsupported file type; use .jsonl, .json or .parquet.")
+
+
+def files_for_split(directory: Path, split: str) -> list[Path]:
+    """Data files of a split in a directory, in the naming of the published datasets.
+
+    `train_prefs-00000-of-00001.parquet`, `data/train-*.parquet` and `train_sft*.parquet` are
+    all split `train`. A directory whose files name no split is one split, whatever is asked.
+    """
+    files = sorted(p for p in directory.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file()
+                   and not p.name.startswith("."))
+    if not files:
+        raise SelfplayError(f"{directory} holds no .jsonl, .json or .parquet files.")
+    split_names = ("train", "test", "validation", "valid", "eval", "dev")
+
+    def split_of(p: Path) -> str | None:
+        stem = p.stem.lower()
+        return next((s for s in split_names if stem == s or stem.startswith((s + "_", s + "-"))),
+                    None)
+
+    if not any(split_of(p) for p in files):
+        return files
+    chosen = [p for p in files if split_of(p) == split.lower()
+              or p.stem.lower().startswith(split.lower())]
+    if not chosen:
+        found = sorted({split_of(p) for p in files if split_of(p)})
+        raise SelfplayError(f"{directory} has no files for split {split!r}; it has: "
+                            f"{', '.join(found)}.")
+    return chosen
+
+
+def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[str, int, dict]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises connection and lookup errors alike
+        raise SelfplayError(
+            f"dataset {dataset_id!r} split {split!r} could not be loaded ({type(e).__name__}): it "
+            "is neither a local file or directory nor a cached hub dataset; pass a local path "
+            "with --dataset.") from None
+    for n, row in enumerate(ds, 1):
+        yield f"{dataset_id}[{split}]", n, row
+
+
+def read_examples(source: str, split: str = "train", layout: str = "auto",
+                  reference_turn: str = "first", skip_bad_rows: bool = False,
+                  max_prompts: int = 0, tasks_seed: int = 0, tasks_train_size: int = 2000,
+                  tasks_test_size: int = 200) -> ReadResult:
+    """Read a dataset into Examples; see the module docstring for layouts and error handling."""
+    if source == BUILTIN_TASKS:
+        from selfplay.data import tasks
+        rows = tasks.split_rows(split, seed=tasks_seed, n_train=tasks_train_size,
+                                n_test=tasks_test_size)
+        stream: Iterator[tuple[str, int, Any]] = ((f"{BUILTIN_TASKS}[{split}]", n, r)
+                                                  for n, r in enumerate(rows, 1))
+        files = [BUILTIN_TASKS]
+    else:
+        path = Path(source).expanduser()
+        if path.is_file():
+            files = [str(path)]
+            stream = ((str(path), n, r) for n, r in _iter_file(path))
+        elif path.is_dir():
+            paths = files_for_split(path, split)
+            files = [str(p) for p in paths]
+            stream = ((str(p), n, r) for p in paths for n, r in _iter_file(p))
+        elif source.startswith((".", "/", "~")) or Path(source).suffix in DATA_SUFFIXES:
+            raise SelfplayError(f"dataset {source} does not exist.")
+        else:
+            files = [source]
+            stream = _hub_rows(source, split)
+
+    if layout != "auto" and layout not in PARSERS:
+        raise SelfplayError(f"--dataset_layout {layout!r} is not one of: {', '.join(LAYOUTS)}.")
+    examples: list[Example] = []
+    skipped: list[str] = []
+    file_layout: dict[str, str] = {}
+    for fname, n, row in stream:
+        if max_prompts and len(examples) >= max_prompts:
+            break
+        try:
+            if isinstance(row, Exception):
+                raise row
+            lay = layout if layout != "auto" else file_layout.get(fname)
+            if lay is None:
+                lay = file_layout[fname] = detect_layout(set(row), fname)
+            prompt, reference = PARSERS[lay](row, reference_turn)
+            if not reference.strip():
+                raise RowError("empty reference answer")
+            if not prompt or prompt[-1]["role"] != "user":
+                raise RowError("the prompt does not end with a user turn")
+        except RowError as e:
+            msg = f"{fname}: row {n}: {e}"
+            if not skip_bad_rows:
+                raise SelfplayError(msg + " (use --skip_bad_rows to skip such rows).") from None
+            skipped.append(msg)
+            continue
+        pid = row.get("prompt_id") or row.get("id")
+        extra = {k: v for k, v in row.items() if k not in CONSUMED[lay]}
+        examples.append(Example(str(pid) if pid not in (None, "") else prompt_hash(prompt),
+                                prompt, reference, extra))
+    layouts = sorted(set(file_layout.values())) or ([layout] if layout != "auto" else ["?"])
+    if not examples:
+        raise SelfplayError(f"{source} (split {split!r}) has no usable rows"
+                            + (f": all {len(skipped)} were bad." if skipped else "."))
+    return ReadResult(examples, "+".join(layouts), files, skipped)

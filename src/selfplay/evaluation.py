@@ -1,0 +1,96 @@
+"""Measure a model on held-out prompts: accuracy, reference likelihood, length, win rate.
+
+Accuracy needs rows with a checkable answer (`family` and `answer`, as the bundled task suite
+writes them); the other measures work on any dataset.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from selfplay.data.formats import Example
+from selfplay.data.tasks import check
+from selfplay.generation import Generation, SamplingSettings, generate
+from selfplay.scoring import score_texts
+
+
+def is_checkable(ex: Example) -> bool:
+    return isinstance(ex.extra.get("family"), str) and isinstance(ex.extra.get("answer"), str)
+
+
+def correctness(examples: list[Example], gens: list[Generation]) -> list[bool | None]:
+    return [check(e.extra["family"], e.extra["answer"], g.text) if is_checkable(e) else None
+            for e, g in zip(examples, gens)]
+
+
+def win_rate(ours: list[bool | None], theirs: list[bool | None]) -> float | None:
+    """Head-to-head on the same prompts: right beats wrong, equal counts half."""
+    pairs = [(a, b) for a, b in zip(ours, theirs) if a is not None and b is not None]
+    if not pairs:
+        return None
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+
+
+def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
+             max_length: int = 2048, max_prompt_length: int = 1024, chunk_size: int = 1024,
+             desc: str = "evaluate") -> dict:
+    """Greedy generation on every prompt, then the measures; per-row results under `rows`."""
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0,
+                                batch_size=batch_size)
+    gens = generate(model, tokenizer, [e.prompt for e in examples], settings, desc=desc)
+    right = correctness(examples, gens)
+    scored = score_texts(model, tokenizer, [(e.prompt, [e.reference]) for e in examples],
+                         max_length, max_prompt_length, batch_size, chunk_size,
+                         desc="reference likelihood")
+    logp = sum(s[0][0] for s in scored)
+    ntok = sum(s[1][0] for s in scored)
+    fam: dict[str, list[bool]] = defaultdict(list)
+    for e, r in zip(examples, right):
+        if r is not None:
+            fam[e.extra["family"]].append(r)
+    checked = [r for r in right if r is not None]
+    return {
+        "n": len(examples),
+        "accuracy": (sum(checked) / len(checked)) if checked else None,
+        "per_family": {f: {"n": len(v), "accuracy": sum(v) / len(v)} for f, v in sorted(fam.items())},
+        "reference_logp_per_token": logp / max(ntok, 1),
+        "mean_response_tokens": sum(g.n_tokens for g in gens) / len(gens),
+        "truncated_share": sum(g.finish_reason == "length" for g in gens) / len(gens),
+        "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True},
+        "rows": [{"prompt_id": e.prompt_id, "family": e.extra.get("family"),
+                  "answer": e.extra.get("answer"), "response": g.text, "n_tokens": g.n_tokens,
+                  "finish_reason": g.finish_reason, "correct": r}
+                 for e, g, r in zip(examples, gens, right)],
+    }
+
+
+def format_table(result: dict, baseline: dict | None = None, name: str = "model",
+                 baseline_name: str = "baseline") -> str:
+    """A plain-text table: per-family accuracy, an overall row, and the other measures."""
+    def pct(x):
+        return "   -  " if x is None else f"{100 * x:5.1f}%"
+
+    fams = sorted(set(result["per_family"]) | set((baseline or {}).get("per_family", {})))
+    head = f"{'family':<12} {'n':>4}  {name:>10}" + (f"  {baseline_name:>10}" if baseline else "")
+    lines = [head, "-" * len(head)]
+    for f in fams:
+        r = result["per_family"].get(f, {})
+        line = f"{f:<12} {r.get('n', 0):>4}  {pct(r.get('accuracy')):>10}"
+        if baseline:
+            line += f"  {pct(baseline['per_family'].get(f, {}).get('accuracy')):>10}"
+        lines.append(line)
+    line = f"{'overall':<12} {result['n']:>4}  {pct(result['accuracy']):>10}"
+    if baseline:
+        line += f"  {pct(baseline['accuracy']):>10}"
+    lines += ["-" * len(head), line, ""]
+    rows = [("reference log-lik/token", "reference_logp_per_token", "{:.3f}"),
+            ("mean response tokens", "mean_response_tokens", "{:.1f}"),
+            ("cut by token limit", "truncated_share", "{:.1%}")]
+    for label, key, fmt in rows:
+        line = f"{label:<24} {fmt.format(result[key]):>10}"
+        if baseline:
+            line += f"  {fmt.format(baseline[key]):>10}"
+        lines.append(line)
+    if baseline and result.get("win_rate") is not None:
+        lines.append(f"{'win rate vs baseline':<24} {result['win_rate']:>10.1%}")
+    return "\n".join(lines)

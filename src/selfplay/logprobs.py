@@ -1,0 +1,76 @@
+"""The one log-prob function: summed log-probs of response tokens, for scoring, training, evaluation.
+
+It runs the model's backbone once, keeps the hidden states at response positions only, and
+applies the output layer to them in chunks, so no [batch, length, vocab] float32 tensor ever
+exists: the largest is [chunk, vocab]. Under autograd each chunk is checkpointed, so backward
+recomputes a chunk's logits instead of keeping them all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
+    """(backbone, output layer, logit soft-cap) of a causal LM, PEFT-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = base.get_decoder() if hasattr(base, "get_decoder") else base.base_model
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    return backbone, base.get_output_embeddings(), cap
+
+
+def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                 cap: float | None) -> torch.Tensor:
+    logits = head(hidden).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def response_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   response_mask: torch.Tensor, chunk_size: int = 1024
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of the response tokens of each sequence.
+
+    log π(y | x) = Σ_{t ∈ response} log softmax(W h_{t-1})[y_t]
+
+    Args:
+        input_ids, attention_mask: [B, L], right-padded.
+        response_mask: [B, L] bool, True at response tokens (never at position 0).
+    Returns:
+        (logp_sum [B] float32, n_tokens [B] long).
+    """
+    backbone, head, cap = _split_lm(model)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state            # [B, L, H]
+    target_mask = response_mask[:, 1:]
+    h = hidden[:, :-1][target_mask]                                 # [N, H] response positions
+    targets = input_ids[:, 1:][target_mask]                         # [N]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None] \
+        .expand_as(target_mask)[target_mask]
+    parts = []
+    for i in range(0, h.shape[0], chunk_size):
+        hc, tc = h[i:i + chunk_size], targets[i:i + chunk_size]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            parts.append(checkpoint(_chunk_logps, head, hc, tc, cap, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(head, hc, tc, cap))
+    token_logps = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(input_ids.shape[0], device=input_ids.device, dtype=torch.float32)
+    sums = sums.index_add(0, rows, token_logps)
+    return sums, target_mask.sum(dim=1)
+
+
+class ResponseLogProbs(nn.Module):
+    """The log-prob function as a module, so that DDP/FSDP/DeepSpeed wrap it and see its forward."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, response_mask):
+        return response_logps(self.model, input_ids, attention_mask, response_mask,
+                              self.chunk_size)

