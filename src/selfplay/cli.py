@@ -242,6 +242,14 @@ def cmd_evaluate(cfg: Config, args: list[str]) -> int:
     return 0
 
 
+def cmd_train(cfg: Config, args: list[str]) -> int:
+    from selfplay.training import train
+
+    out = train(cfg)
+    print(f"model: {out}")
+    return 0
+
+
 def cmd_tasks(cfg: Config, args: list[str]) -> int:
     from selfplay.data.tasks import FAMILIES, split_rows
     from selfplay.generation import write_jsonl_atomic
@@ -281,6 +289,11 @@ COMMANDS: dict[str, Command] = {
         "Task accuracy, reference likelihood, lengths and win rate on held-out prompts.",
         cmd_evaluate, "selfplay evaluate [RECIPE.yaml] [--model M] [--dataset D] "
         "[--baseline B]"),
+    "train": Command(
+        "SPIN step 2: θ_{t+1} from θ_t on real/generated pairs, θ_t as reference; full, LoRA or "
+        "QLoRA.", cmd_train, "selfplay train [RECIPE.yaml] [--key value ...]\n"
+        "       accelerate launch --config_file recipes/accelerate/zero3.yaml -m selfplay train "
+        "..."),
     "tasks": Command("The bundled task suite: `selfplay tasks export OUT` writes it as a dataset.",
                      cmd_tasks, "selfplay tasks export OUT [--tasks_train_size N] [--seed S]",
                      positionals=("action", "OUT")),

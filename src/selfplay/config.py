@@ -21,7 +21,8 @@ import yaml
 from selfplay.errors import SelfplayError
 
 # Groups of options; each command declares the groups it reads.
-MODEL, DATA, GEN, SCORE, CONVERT, EVAL, TASKS = "model", "data", "gen", "score", "convert", "eval", "tasks"
+MODEL, DATA, GEN, SCORE, CONVERT, EVAL, TASKS, TRAIN = ("model", "data", "gen", "score", "convert",
+                                                        "eval", "tasks", "train")
 
 COMMAND_GROUPS: dict[str, set[str]] = {
     "generate": {MODEL, DATA, GEN, SCORE, TASKS},
@@ -29,6 +30,7 @@ COMMAND_GROUPS: dict[str, set[str]] = {
     "convert": {CONVERT},
     "evaluate": {MODEL, DATA, EVAL, TASKS},
     "tasks": {TASKS},
+    "train": {MODEL, DATA, SCORE, TRAIN, TASKS},
 }
 
 
@@ -56,8 +58,9 @@ class Config:
     # --- data --------------------------------------------------------------------------
     dataset: str = opt(
         "builtin:tasks", "Prompts and reference answers: 'builtin:tasks' (the bundled task suite), "
-        "a hub dataset id, a .jsonl/.json/.parquet file or a directory of them.", {DATA},
-        aliases=("input_dir",))
+        "a hub dataset id, a .jsonl/.json/.parquet file or a directory of them. For train: pairs, "
+        "several as `a:1.0,b:0.5` (dataset:share used).", {DATA}, aliases=("input_dir",),
+        command_defaults={"train": "pairs"})
     split: str = opt("train", "Dataset split to read.", {DATA})
     dataset_layout: str = opt(
         "auto", "Row layout; auto detects it from the columns.", {DATA},
@@ -72,7 +75,7 @@ class Config:
     output_dir: str = opt("generated", "Where the command writes its output.",
                           {GEN, SCORE, CONVERT, EVAL},
                           command_defaults={"convert": "pairs", "score": "scored",
-                                            "evaluate": "eval"})
+                                            "evaluate": "eval", "train": "checkpoints/spin"})
     batch_size: int = opt(0, "Prompts per batch (0: 64 on CPU, 128 on GPU).", {GEN, SCORE, EVAL})
     data_frac: int = opt(0, "Which fraction of the split to process (with frac_len).", {GEN})
     frac_len: int = opt(0, "Prompts per fraction; 0 takes the whole split as fraction 0.", {GEN})
@@ -83,8 +86,10 @@ class Config:
     top_p: float = opt(1.0, "Nucleus sampling mass (used when temperature > 0).", {GEN})
     num_samples: int = opt(1, "Responses per prompt (SPIN: 1; SPPO: 5). More than one needs "
                            "temperature > 0.", {GEN})
-    seed: int = opt(42, "Random seed of sampling.", {GEN})
-    overwrite: bool = opt(False, "Redo finished shards instead of skipping them.", {GEN, SCORE})
+    seed: int = opt(42, "Random seed of sampling, and of data order and initialisation in "
+                    "training.", {GEN, TRAIN})
+    overwrite: bool = opt(False, "Redo finished work (shards, a trained model) instead of "
+                          "skipping it.", {GEN, SCORE, TRAIN})
     score: bool = opt(False, "Right after generating, score references and responses with the "
                       "same model (stored reference log-probs).", {GEN})
     # --- scoring -----------------------------------------------------------------------
@@ -93,7 +98,46 @@ class Config:
     max_prompt_length: int = opt(512, "Most prompt tokens kept (from the end) when prompt + "
                                  "response exceed max_length.", {SCORE, GEN})
     logprob_chunk_size: int = opt(1024, "Response positions whose logits are computed at once.",
-                                  {SCORE, GEN, EVAL})
+                                  {SCORE, GEN, EVAL, TRAIN})
+    # --- training (the official recipe's keys) ---------------------------------------------
+    per_device_train_batch_size: int = opt(8, "Pairs per process per step (the paper: 8 on each "
+                                           "of 8 GPUs).", {TRAIN})
+    gradient_accumulation_steps: int = opt(1, "Steps whose gradients add up to one update.",
+                                           {TRAIN})
+    num_train_epochs: float = opt(2.0, "Passes over the pairs (the paper: 2 per iteration).",
+                                  {TRAIN})
+    max_steps: int = opt(0, "Stop after this many optimizer updates (0: by num_train_epochs).",
+                         {TRAIN})
+    learning_rate: float = opt(5e-6, "Peak learning rate (the paper: 5e-7 for zephyr-7b; the "
+                               "default suits the embedded 135M model).", {TRAIN})
+    lr_scheduler_type: str = opt("linear", "Schedule after warmup.", {TRAIN},
+                                 choices=("linear", "cosine", "constant"))
+    warmup_ratio: float = opt(0.1, "Share of the updates spent warming up linearly.", {TRAIN})
+    optim: str = opt("rmsprop", "Optimizer: rmsprop (the paper) or adamw.", {TRAIN},
+                     choices=("rmsprop", "adamw"))
+    weight_decay: float = opt(0.0, "Weight decay.", {TRAIN})
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: none).", {TRAIN})
+    beta: float = opt(0.1, "β of the loss: how far θ may move from the reference (the paper: "
+                      "0.1, and 5.0 in the last iteration).", {TRAIN})
+    loss_type: str = opt("sigmoid", "sigmoid: SPIN's logistic loss (TRL's name); hinge: "
+                         "max(0, 1 - β·margin).", {TRAIN}, choices=("sigmoid", "hinge"))
+    bf16: bool = opt(False, "bfloat16 mixed precision (the paper: true, on GPUs).", {TRAIN})
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
+                                       {TRAIN})
+    logging_steps: int = opt(10, "Log averaged metrics every N updates.", {TRAIN})
+    save_steps: int = opt(0, "Save a resumable checkpoint every N updates (0: only the final "
+                          "model).", {TRAIN})
+    resume: bool = opt(False, "Continue from the last checkpoint in output_dir.", {TRAIN})
+    use_peft: bool = opt(False, "Train a LoRA adapter instead of all weights.", {TRAIN})
+    lora_r: int = opt(16, "LoRA rank.", {TRAIN})
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r).", {TRAIN})
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", {TRAIN})
+    lora_target_modules: str = opt("all-linear", "Modules that get adapters: all-linear, or "
+                                   "comma-separated names (q_proj,v_proj).", {TRAIN})
+    load_in_4bit: bool = opt(False, "QLoRA: load the base weights in 4-bit NF4 with double "
+                             "quantization (bitsandbytes); needs --use_peft.", {TRAIN})
+    merge_adapter: bool = opt(True, "With LoRA, save the merged model (what the next iteration "
+                              "generates from); false saves the adapter alone.", {TRAIN})
     # --- convert -----------------------------------------------------------------------
     shards_dir: str = opt("generated", "Directory of generation shards to merge.", {CONVERT},
                           aliases=("input_dir",))
@@ -140,6 +184,21 @@ class Config:
              f"({self.max_length}), or no response token would fit.")
         need(self.logprob_chunk_size > 0, "--logprob_chunk_size must be positive.")
         need(self.num_fracs >= 0, "--num_fracs must be 0 (whatever is there) or positive.")
+        need(self.per_device_train_batch_size > 0, "--per_device_train_batch_size must be positive.")
+        need(self.gradient_accumulation_steps > 0, "--gradient_accumulation_steps must be positive.")
+        need(self.num_train_epochs > 0 or self.max_steps > 0,
+             "--num_train_epochs must be positive (or set --max_steps).")
+        need(self.learning_rate > 0, "--learning_rate must be positive.")
+        need(0 <= self.warmup_ratio < 1, "--warmup_ratio must lie in [0, 1).")
+        need(self.beta > 0, "--beta must be positive.")
+        need(self.logging_steps > 0, "--logging_steps must be positive.")
+        need(self.save_steps >= 0, "--save_steps must be 0 (final model only) or positive.")
+        need(self.lora_r > 0 and self.lora_alpha > 0, "--lora_r and --lora_alpha must be positive.")
+        need(0 <= self.lora_dropout < 1, "--lora_dropout must lie in [0, 1).")
+        need(not self.load_in_4bit or self.use_peft,
+             "--load_in_4bit (QLoRA) trains an adapter on frozen 4-bit weights, so it needs "
+             "--use_peft; 4-bit weights themselves cannot be trained.")
+        need(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other.")
         need(self.tasks_train_size > 0 and self.tasks_test_size > 0,
              "--tasks_train_size and --tasks_test_size must be positive.")
 

@@ -1,0 +1,271 @@
+"""The SPIN losses, the trainer against TRL's DPOTrainer, and `selfplay train` end to end."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_model, write_parquet
+from selfplay.cli import main
+from selfplay.losses import spin_hinge, spin_logistic
+from selfplay.logprobs import response_logps
+
+T = torch.tensor
+
+
+# ---------------------------------------------------------------------------------------
+# Losses against hand-computed values
+# ---------------------------------------------------------------------------------------
+
+def test_spin_logistic_by_hand():
+    """policy (−10, −20), reference (−12, −18): ℓ_w = 2, ℓ_l = −2, margin 4.
+    β = 0.1: −log σ(0.4) = log(1 + e^−0.4) = 0.513015...; β = 1: log(1 + e^−4) = 0.018150..."""
+    pw, pl, rw, rl = T([-10.0]), T([-20.0]), T([-12.0]), T([-18.0])
+    assert spin_logistic(pw, pl, rw, rl, 0.1).item() == pytest.approx(math.log1p(math.exp(-0.4)))
+    assert spin_logistic(pw, pl, rw, rl, 0.1).item() == pytest.approx(0.5130153, abs=1e-6)
+    assert spin_logistic(pw, pl, rw, rl, 1.0).item() == pytest.approx(0.0181499, abs=1e-6)
+    # policy = reference: log 2, whatever β
+    assert spin_logistic(rw, rl, rw, rl, 5.0).item() == pytest.approx(math.log(2))
+
+
+def test_spin_hinge_by_hand():
+    """margin 4: β = 0.1 gives 1 − 0.4 = 0.6; β = 0.5 gives max(0, 1 − 2) = 0."""
+    pw, pl, rw, rl = T([-10.0, -10.0]), T([-20.0, -20.0]), T([-12.0, -12.0]), T([-18.0, -18.0])
+    assert spin_hinge(pw, pl, rw, rl, 0.1).tolist() == pytest.approx([0.6, 0.6])
+    assert spin_hinge(pw, pl, rw, rl, 0.5).tolist() == pytest.approx([0.0, 0.0])
+
+
+# ---------------------------------------------------------------------------------------
+# Verified against TRL
+# ---------------------------------------------------------------------------------------
+
+def test_loss_and_gradients_equal_trl_dpo_sigmoid(tokenizer, tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    policy = make_tiny_model(tokenizer, seed=0).train()
+    ref = make_tiny_model(tokenizer, seed=1).eval()          # a different θ_t: margins ≠ 0
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"{i} + {i} = {2 * i}.\nAnswer: {2 * i}"}],
+             "rejected": [{"role": "assistant", "content": "I do not know. " * (i + 1)}]}
+            for i in range(4)]
+    args = DPOConfig(output_dir=str(tmp_path), beta=0.1, loss_type=["sigmoid"],
+                     per_device_train_batch_size=4, report_to=[], use_cpu=True, bf16=False)
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    policy.zero_grad()
+    trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_loss.backward()
+    trl_grads = [p.grad.clone() for p in policy.parameters()]
+
+    # The same token tensors through our log-prob function and loss.
+    policy.zero_grad()
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    mask = batch["completion_mask"].bool()
+    pw, pl = response_logps(policy, ids, attn, mask, chunk_size=16)[0].chunk(2)
+    with torch.no_grad():
+        rw, rl = response_logps(ref, ids, attn, mask)[0].chunk(2)
+    assert (pw - rw - (pl - rl)).abs().min() > 1e-3          # a non-trivial comparison
+    ours = spin_logistic(pw, pl, rw, rl, 0.1).mean()
+    ours.backward()
+    assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    for g_ours, g_trl in zip((p.grad for p in policy.parameters()), trl_grads):
+        torch.testing.assert_close(g_ours, g_trl, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# `selfplay train` end to end on the tiny model
+# ---------------------------------------------------------------------------------------
+
+def _pairs(n=16):
+    rows = []
+    for i in range(n):
+        u = {"role": "user", "content": f"What is {i} plus {i}?"}
+        rows.append({"prompt_id": f"p{i}",
+                     "real": [u, {"role": "assistant", "content": f"{i} + {i} = {2 * i}.\n"
+                                                                  f"Answer: {2 * i}"}],
+                     "generated": [u, {"role": "assistant", "content": f"Maybe {i}? " * 3}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    write_parquet(d / "train_prefs-00000-of-00001.parquet", _pairs())
+    return d
+
+
+def _train(model_dir, data, out, *extra):
+    return main(["train", "--model", str(model_dir), "--dataset", str(data), "--output_dir",
+                 str(out), "--per_device_train_batch_size", "4", "--logging_steps", "1",
+                 "--learning_rate", "1e-3", *extra])
+
+
+def _log(out):
+    return [json.loads(ln) for ln in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_training_raises_margins_and_saves_a_loadable_checkpoint(tiny_model_dir, pairs_dir,
+                                                                  tmp_path):
+    out = tmp_path / "ckpt"
+    assert _train(tiny_model_dir, pairs_dir, out, "--num_train_epochs", "3") == 0
+    log = _log(out)
+    assert len(log) == 12 and log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[-1]["rewards/margins"] > log[0]["rewards/margins"] + 1.0
+    assert log[-1]["rewards/accuracies"] == 1.0
+    assert {"rewards/real", "rewards/generated", "logps/real", "logps/generated", "grad_norm",
+            "learning_rate", "loss"} <= set(log[0])
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # a plain Hugging Face checkpoint: transformers loads it as is, and it generates
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and model.config.use_cache
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    gen = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+    # finished: a re-run skips it
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    assert _train(tiny_model_dir, pairs_dir, out, "--num_train_epochs", "3") == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_stored_reference_equals_computed(tiny_model_dir, tmp_path):
+    """Pairs scored at generation time and pairs without scores train identically."""
+    from selfplay.generation import shard_name, write_jsonl_atomic
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    rows = [{"prompt_id": r["prompt_id"], "prompt": r["real"][:1],
+             "reference": r["real"][1]["content"], "responses": [r["generated"][1]["content"]],
+             "response_tokens": [1], "finish_reasons": ["eos"], "extra": {}} for r in _pairs(8)]
+    write_jsonl_atomic(gen / shard_name("train", 0, 0, 1), rows)
+    assert main(["score", "--model", str(tiny_model_dir), "--dataset", str(gen),
+                 "--output_dir", str(tmp_path / "scored")]) == 0
+    assert main(["convert", "--input_dir", str(tmp_path / "scored"), "--output_dir",
+                 str(tmp_path / "pairs_scored")]) == 0
+    assert main(["convert", "--input_dir", str(gen), "--output_dir",
+                 str(tmp_path / "pairs_plain")]) == 0
+    for name in ("scored", "plain"):
+        assert _train(tiny_model_dir, tmp_path / f"pairs_{name}", tmp_path / f"out_{name}",
+                      "--max_steps", "3") == 0
+    a = json.loads((tmp_path / "out_scored" / "training_complete.json").read_text())
+    b = json.loads((tmp_path / "out_plain" / "training_complete.json").read_text())
+    assert a["stored_reference"] == 8 and b["stored_reference"] == 0
+    for x, y in zip(_log(tmp_path / "out_scored"), _log(tmp_path / "out_plain")):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+
+
+def test_one_forward_pass_per_step(tiny_model_dir, pairs_dir, tmp_path, monkeypatch):
+    import selfplay.training as tr
+    calls = []
+    orig = tr.ResponseLogProbs.forward
+
+    def counting(self, input_ids, attention_mask, response_mask):
+        calls.append(input_ids.shape[0])
+        return orig(self, input_ids, attention_mask, response_mask)
+
+    monkeypatch.setattr(tr.ResponseLogProbs, "forward", counting)
+    assert _train(tiny_model_dir, pairs_dir, tmp_path / "o", "--max_steps", "2") == 0
+    assert calls == [8, 8]                # 4 pairs: [4 real; 4 generated] in one batch
+
+
+def test_resume_reaches_the_same_weights(tiny_model_dir, pairs_dir, tmp_path):
+    """Kill a run after its first checkpoint, resume it: the same final weights."""
+    args = ["--model", str(tiny_model_dir), "--dataset", str(pairs_dir),
+            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--logging_steps",
+            "1", "--max_steps", "40", "--save_steps", "2", "--optim", "adamw"]
+    full = tmp_path / "full"
+    assert main(["train", "--output_dir", str(full), *args]) == 0
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "selfplay", "train", "--output_dir", str(cut), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((cut / "checkpoints").glob("step-*/trainer_state.json")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the end"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "training_complete.json").exists()
+    assert main(["train", "--output_dir", str(cut), "--resume", *args]) == 0
+    a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert [r["step"] for r in _log(cut)] == list(range(1, 41))    # no duplicated log lines
+
+
+def test_lora_reference_is_the_disabled_adapter_and_merges(tiny_model_dir, pairs_dir, tmp_path):
+    out = tmp_path / "lora"
+    assert _train(tiny_model_dir, pairs_dir, out, "--use_peft", "--lora_r", "4",
+                  "--max_steps", "4") == 0
+    log = _log(out)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)   # adapter off = θ_t
+    assert log[-1]["rewards/margins"] > 0
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(out)            # merged: a plain model
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert any(not torch.equal(p, q) for p, q in zip(merged.parameters(), base.parameters()))
+    ad = tmp_path / "adapter"
+    assert _train(tiny_model_dir, pairs_dir, ad, "--use_peft", "--max_steps", "2",
+                  "--merge_adapter", "false") == 0
+    assert (ad / "adapter_config.json").exists() and not (ad / "model.safetensors").exists()
+
+
+def test_qlora_loads_4bit_and_trains(tiny_model_dir, pairs_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    assert _train(tiny_model_dir, pairs_dir, out, "--use_peft", "--load_in_4bit",
+                  "--max_steps", "3") == 0
+    log = _log(out)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[-1]["loss"] < log[0]["loss"]
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(out)                 # merged in full precision
+    assert m.dtype == torch.float32
+
+
+def test_ddp_on_two_cpu_processes_equals_one_process(tiny_model_dir, pairs_dir, tmp_path):
+    common = ["--model", str(tiny_model_dir), "--dataset", str(pairs_dir), "--learning_rate",
+              "1e-3", "--logging_steps", "1", "--max_steps", "3", "--optim", "adamw"]
+    assert main(["train", "--output_dir", str(tmp_path / "one"),
+                 "--per_device_train_batch_size", "4", *common]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                          "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                          "no", "--dynamo_backend", "no", "-m", "selfplay", "train",
+                          "--output_dir", str(tmp_path / "two"),
+                          "--per_device_train_batch_size", "2", *common],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    for x, y in zip(one, two):          # metrics are averaged across processes
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_sft_data_without_responses_is_refused(tiny_model_dir, tmp_path, capsys):
+    assert main(["train", "--model", str(tiny_model_dir), "--dataset", "builtin:tasks",
+                 "--output_dir", str(tmp_path / "x")]) == 2
+    assert "no generated (or rejected) responses" in capsys.readouterr().err
+
+
+def test_mixture_takes_the_first_share_of_each(tiny_model_dir, pairs_dir, tmp_path):
+    out = tmp_path / "mix"
+    assert _train(tiny_model_dir, f"{pairs_dir}:0.5,{pairs_dir}:0.25", out,
+                  "--max_steps", "1") == 0
+    done = json.loads((out / "training_complete.json").read_text())
+    assert [s["pairs"] for s in done["sources"]] == [8, 4]
