@@ -129,7 +129,7 @@ class Config:
                           "model).", {TRAIN})
     resume: bool = opt(False, "Continue from the last checkpoint in output_dir.", {TRAIN})
     use_peft: bool = opt(False, "Train a LoRA adapter instead of all weights.", {TRAIN})
-    lora_r: int = opt(16, "LoRA rank.", {TRAIN})
+    lora_r: int = opt(16, "LoRA rank: the inner dimension of each adapter.", {TRAIN})
     lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r).", {TRAIN})
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", {TRAIN})
     lora_target_modules: str = opt("all-linear", "Modules that get adapters: all-linear, or "
