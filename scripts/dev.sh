@@ -39,7 +39,7 @@ fi
 cmd=${1:-env}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-  run)  exec "$VENV/bin/selfplay" generate --max_prompts 8 --max_new_tokens 96 --score "$@" ;;
+  run)  exec "$VENV/bin/selfplay" run "$@" ;;
   test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
   env)  echo "[setup] ready: $VENV" ;;
   *)    echo "usage: scripts/dev.sh run|test|env [args]" >&2; exit 2 ;;

@@ -91,3 +91,13 @@ def test_every_field_has_help():
     import dataclasses
     for f in dataclasses.fields(Config):
         assert len(f.metadata["help"]) > 10, f.name
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in
+                                          (__import__("pathlib").Path(__file__).parents[1] /
+                                           "recipes").glob("*.yaml")))
+def test_shipped_recipes_load(recipe):
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "recipes" / recipe
+    cfg = load_config("run" if recipe.endswith("-run.yaml") else "train", path)
+    assert cfg.model_name_or_path

@@ -135,3 +135,12 @@ def test_builtin_task_suite_reads_like_any_dataset():
     assert len(res.examples) == 12 and res.layout == "messages"
     assert all(e.reference.rstrip().split("\n")[-1].startswith("Answer: ") for e in res.examples)
     assert all("family" in e.extra and "answer" in e.extra for e in res.examples)
+
+
+def test_uncached_hub_dataset_offline_is_one_sentence(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(SelfplayError, match=r"dataset 'someorg/not-cached' split 'train' could "
+                                            r"not be loaded .* pass a local path"):
+        read_examples("someorg/not-cached")

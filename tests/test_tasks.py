@@ -75,3 +75,32 @@ def test_rows_are_in_messages_layout():
     assert set(row) == {"prompt_id", "prompt", "messages", "family", "answer"}
     assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
     assert row["prompt_id"].startswith(row["family"] + "-")
+
+
+def test_export_command_writes_readable_splits(tmp_path):
+    from selfplay.cli import main
+    from selfplay.data.formats import read_examples
+    assert main(["tasks", "export", str(tmp_path / "suite"), "--n", "30", "--seed", "0",
+                 "--tasks_test_size", "12"]) == 0
+    train = read_examples(str(tmp_path / "suite"), split="train")
+    test = read_examples(str(tmp_path / "suite"), split="test")
+    assert len(train.examples) == 30 and len(test.examples) == 12
+    assert [e.prompt_id for e in train.examples] == \
+        [r["prompt_id"] for r in tasks.split_rows("train", 0, n_train=30)]
+    assert main(["tasks", "export", str(tmp_path / "pq"), "--n", "6", "--export_format",
+                 "parquet"]) == 0
+    assert len(read_examples(str(tmp_path / "pq" / "train.parquet")).examples) == 6
+
+
+def test_evaluate_command_with_baseline(tiny_model_dir, tmp_path, capsys):
+    import json
+    from selfplay.cli import main
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--baseline", str(tiny_model_dir),
+                 "--tasks_test_size", "12", "--max_new_tokens", "4", "--output_dir",
+                 str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "overall" in out and "win rate vs baseline" in out
+    r = json.loads((tmp_path / "eval.json").read_text())
+    assert r["n"] == 12 and r["win_rate"] == 0.5          # a model against itself ties
+    assert r["baseline"]["accuracy"] == r["accuracy"]
+    assert set(r["per_family"]) == set(tasks.FAMILIES)

@@ -269,3 +269,22 @@ def test_mixture_takes_the_first_share_of_each(tiny_model_dir, pairs_dir, tmp_pa
                   "--max_steps", "1") == 0
     done = json.loads((out / "training_complete.json").read_text())
     assert [s["pairs"] for s in done["sources"]] == [8, 4]
+
+
+def test_epoch_batches_are_seeded_grouped_and_split_evenly():
+    import random
+    from selfplay.training import epoch_batches
+    rnd = random.Random(0)
+    lengths = [rnd.randint(20, 300) for _ in range(103)]
+    a = epoch_batches(lengths, 4, 1, seed=1, epoch=0)
+    assert a == epoch_batches(lengths, 4, 1, seed=1, epoch=0)
+    assert a != epoch_batches(lengths, 4, 1, seed=1, epoch=1)
+    assert sorted(i for b in a for i in b) == list(range(103))          # each pair once
+    padded = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs)
+    random_order = epoch_batches(lengths, 4, 1, 1, 0, group_by_length=False)
+    assert padded(a) < 0.8 * padded(random_order)
+    # two processes see the same global batches as one process with twice the batch
+    two = epoch_batches(lengths, 2, 2, seed=1, epoch=0)
+    assert len(two) == len(a)
+    assert all(t[:len(x)] == x for t, x in zip(two, a))   # the same batches, in the same order
+    assert all(len(b) % 2 == 0 for b in two)               # the short last one padded to split

@@ -27,30 +27,6 @@ class Command:
 
 
 # ---------------------------------------------------------------------------------------
-# Helpers shared by commands
-# ---------------------------------------------------------------------------------------
-
-def _read(cfg: Config, split: str | None = None):
-    from selfplay.data.formats import read_examples
-
-    res = read_examples(cfg.dataset, split or cfg.split, cfg.dataset_layout, cfg.reference_turn,
-                        cfg.skip_bad_rows, cfg.max_prompts, cfg.tasks_seed, cfg.tasks_train_size,
-                        cfg.tasks_test_size)
-    print(f"read {res.summary()}", file=sys.stderr)
-    for msg in res.skipped[:5]:
-        print(f"  skipped: {msg}", file=sys.stderr)
-    return res
-
-
-def _batch_size(cfg: Config) -> int:
-    import torch
-    if cfg.batch_size:
-        return cfg.batch_size
-    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    return 128 if on_gpu else 64
-
-
-# ---------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------
 
@@ -89,60 +65,14 @@ def cmd_info(cfg: Config, args: list[str]) -> int:
 
 
 def cmd_generate(cfg: Config, args: list[str]) -> int:
-    import torch
-    from accelerate import PartialState
+    from selfplay.generation import generate_split
 
-    from selfplay import generation as G
-    from selfplay.models import load_model
-    from selfplay.scoring import score_shard_rows
-
-    # cpu=True lets accelerate form a gloo process group when there is no GPU.
-    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
-    res = _read(cfg)
-    start, end = G.fraction(len(res.examples), cfg.data_frac, cfg.frac_len)
-    if start >= len(res.examples):
-        last = (len(res.examples) - 1) // cfg.frac_len
-        raise SelfplayError(f"--data_frac {cfg.data_frac} is past the end: the split has "
-                            f"{len(res.examples)} prompts, so with --frac_len {cfg.frac_len} the "
-                            f"last fraction is {last}.")
-    lo, hi = G.process_slice(end - start, state.process_index, state.num_processes)
-    mine = res.examples[start + lo:start + hi]
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / G.shard_name(cfg.split, cfg.data_frac, state.process_index,
-                                  state.num_processes)
-    if path.exists() and not cfg.overwrite:
-        print(f"{path} is complete; skipping it (--overwrite to redo).", file=sys.stderr)
-        return 0
-    model, tok = load_model(cfg.model_name_or_path, str(state.device) if cfg.device == "auto"
-                            else cfg.device, cfg.dtype)
-    s = G.SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                           _batch_size(cfg))
-    prompts = [e.prompt for e in mine]
-    samples = [G.generate(model, tok, prompts, s, stream=f"{path.name}/{k}",
-                          desc=f"generate {k + 1}/{cfg.num_samples}")
-               for k in range(cfg.num_samples)]
-    settings = G.settings_record(cfg.model_name_or_path, s, cfg.num_samples)
-    rows = [{"prompt_id": e.prompt_id, "prompt": e.prompt, "reference": e.reference,
-             "responses": [gs[i].text for gs in samples],
-             "response_tokens": [gs[i].n_tokens for gs in samples],
-             "finish_reasons": [gs[i].finish_reason for gs in samples],
-             "extra": e.extra, "settings": settings} for i, e in enumerate(mine)]
-    if cfg.score:
-        score_shard_rows(model, tok, rows, cfg.model_name_or_path, cfg.max_length,
-                         cfg.max_prompt_length, _batch_size(cfg), cfg.logprob_chunk_size)
-    G.write_jsonl_atomic(path, rows)
-    n = sum(len(r["responses"]) for r in rows)
-    cut = sum(f == "length" for r in rows for f in r["finish_reasons"])
-    print(f"wrote {path}: {len(rows)} prompts, {n} responses, {cut} cut by --max_new_tokens",
-          file=sys.stderr)
-    if state.is_main_process and rows:
-        r = rows[0]
-        print(f"\n[{r['prompt_id']}] {r['prompt'][-1]['content']}\n-> {r['responses'][0]}")
+    generate_split(cfg)
     return 0
 
 
 def cmd_score(cfg: Config, args: list[str]) -> int:
+    from selfplay.data.formats import read_for
     from selfplay.data.pairs import (SHARD_RE, pairs_file, shard_rows_to_pairs,
                                      write_parquet_atomic)
     from selfplay.generation import read_jsonl, write_jsonl_atomic
@@ -164,12 +94,12 @@ def cmd_score(cfg: Config, args: list[str]) -> int:
                 model, tok = load_model(cfg.model_name_or_path, cfg.device, cfg.dtype)
             rows = read_jsonl(p)
             score_shard_rows(model, tok, rows, cfg.model_name_or_path, cfg.max_length,
-                             cfg.max_prompt_length, _batch_size(cfg), cfg.logprob_chunk_size)
+                             cfg.max_prompt_length, cfg.effective_batch_size(), cfg.logprob_chunk_size)
             write_jsonl_atomic(dest, rows)
             print(f"wrote {dest}: {len(rows)} prompts scored", file=sys.stderr)
         return 0
     # A pair dataset (SPIN real/generated, or preference chosen/rejected).
-    res = _read(cfg)
+    res = read_for(cfg)
     dest = pairs_file(out_dir, cfg.split)
     if dest.exists() and not cfg.overwrite:
         print(f"{dest} exists; skipping (--overwrite to redo).", file=sys.stderr)
@@ -188,7 +118,7 @@ def cmd_score(cfg: Config, args: list[str]) -> int:
                                if k not in ("generated", "rejected")}})
     model, tok = load_model(cfg.model_name_or_path, cfg.device, cfg.dtype)
     score_shard_rows(model, tok, rows, cfg.model_name_or_path, cfg.max_length,
-                     cfg.max_prompt_length, _batch_size(cfg), cfg.logprob_chunk_size)
+                     cfg.max_prompt_length, cfg.effective_batch_size(), cfg.logprob_chunk_size)
     write_parquet_atomic(dest, shard_rows_to_pairs(rows))
     print(f"wrote {dest}: {len(rows)} pairs scored", file=sys.stderr)
     return 0
@@ -210,35 +140,25 @@ def cmd_convert(cfg: Config, args: list[str]) -> int:
 
 
 def cmd_evaluate(cfg: Config, args: list[str]) -> int:
-    from selfplay.data.formats import BUILTIN_TASKS
-    from selfplay.evaluation import evaluate, format_table, win_rate
-    from selfplay.models import load_model
+    from selfplay.evaluation import evaluate_models, format_table
 
-    split = cfg.split if cfg.dataset != BUILTIN_TASKS or cfg.split != "train" else "test"
-    res = _read(cfg, split)
-    bs = _batch_size(cfg)
-
-    def run(spec: str, label: str) -> dict:
-        model, tok = load_model(spec, cfg.device, cfg.dtype)
-        r = evaluate(model, tok, res.examples, cfg.max_new_tokens, bs,
-                     chunk_size=cfg.logprob_chunk_size, desc=f"evaluate {label}")
-        r["model"] = spec
-        return r
-
-    result = run(cfg.model_name_or_path, "model")
-    base = None
-    if cfg.baseline:
-        base = run(cfg.baseline, "baseline")
-        result["win_rate"] = win_rate([r["correct"] for r in result["rows"]],
-                                      [r["correct"] for r in base["rows"]])
-        result["baseline"] = {k: v for k, v in base.items() if k != "rows"}
-    result.update({"dataset": cfg.dataset, "split": split})
+    result = evaluate_models(cfg, cfg.model_name_or_path, cfg.baseline or None)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
-    print(format_table(result, base, name=Path(cfg.model_name_or_path).name[:10] or "model",
-                       baseline_name=Path(cfg.baseline).name[:10] if base else "baseline"))
+    print(format_table(result, result.get("baseline"),
+                       name=Path(cfg.model_name_or_path).name[:10] or "model",
+                       baseline_name=Path(cfg.baseline).name[:10] if cfg.baseline else ""))
     print(f"\nwrote {out / 'eval.json'}")
+    return 0
+
+
+def cmd_rank(cfg: Config, args: list[str]) -> int:
+    from selfplay.judges import make_judge, rank_shards
+
+    judge = make_judge(cfg.judge, cfg.reward_model, cfg.pairrm_estimator)
+    for p in rank_shards(cfg.shards_dir, cfg.output_dir, judge, cfg.overwrite):
+        print(f"ranked: {p}")
     return 0
 
 
@@ -247,6 +167,22 @@ def cmd_train(cfg: Config, args: list[str]) -> int:
 
     out = train(cfg)
     print(f"model: {out}")
+    return 0
+
+
+def cmd_run(cfg: Config, args: list[str]) -> int:
+    from selfplay.loop import run
+
+    out = run(cfg)
+    print(f"\nreport: {out / 'report.md'}")
+    return 0
+
+
+def cmd_report(cfg: Config, args: list[str]) -> int:
+    from selfplay.report import write_report
+
+    print(write_report(args[0]))
+    print(f"\nwrote {Path(args[0]) / 'report.md'} and {Path(args[0]) / 'plots'}/")
     return 0
 
 
@@ -289,11 +225,20 @@ COMMANDS: dict[str, Command] = {
         "Task accuracy, reference likelihood, lengths and win rate on held-out prompts.",
         cmd_evaluate, "selfplay evaluate [RECIPE.yaml] [--model M] [--dataset D] "
         "[--baseline B]"),
+    "rank": Command(
+        "SPPO: a judge compares the K responses of each prompt; writes the K×K win matrix.",
+        cmd_rank, "selfplay rank --input_dir SHARDS_DIR [--judge rule|reward-model|pairrm|"
+        "module:function] [--output_dir OUT]"),
     "train": Command(
         "SPIN step 2: θ_{t+1} from θ_t on real/generated pairs, θ_t as reference; full, LoRA or "
         "QLoRA.", cmd_train, "selfplay train [RECIPE.yaml] [--key value ...]\n"
         "       accelerate launch --config_file recipes/accelerate/zero3.yaml -m selfplay train "
         "..."),
+    "run": Command(
+        "The whole loop: T iterations of generate, score, convert, train, evaluate; resumable; "
+        "writes a report.", cmd_run, "selfplay run [RECIPE.yaml] [--key value ...]"),
+    "report": Command("A markdown report with plots of a run directory.", cmd_report,
+                      "selfplay report RUN_DIR", positionals=("RUN_DIR",)),
     "tasks": Command("The bundled task suite: `selfplay tasks export OUT` writes it as a dataset.",
                      cmd_tasks, "selfplay tasks export OUT [--tasks_train_size N] [--seed S]",
                      positionals=("action", "OUT")),

@@ -21,8 +21,8 @@ import yaml
 from selfplay.errors import SelfplayError
 
 # Groups of options; each command declares the groups it reads.
-MODEL, DATA, GEN, SCORE, CONVERT, EVAL, TASKS, TRAIN = ("model", "data", "gen", "score", "convert",
-                                                        "eval", "tasks", "train")
+MODEL, DATA, GEN, SCORE, CONVERT, EVAL, TASKS, TRAIN, RUN, RANK = (
+    "model", "data", "gen", "score", "convert", "eval", "tasks", "train", "run", "rank")
 
 COMMAND_GROUPS: dict[str, set[str]] = {
     "generate": {MODEL, DATA, GEN, SCORE, TASKS},
@@ -30,8 +30,19 @@ COMMAND_GROUPS: dict[str, set[str]] = {
     "convert": {CONVERT},
     "evaluate": {MODEL, DATA, EVAL, TASKS},
     "tasks": {TASKS},
+    "report": set(),
+    "rank": {RANK},
     "train": {MODEL, DATA, SCORE, TRAIN, TASKS},
+    "run": {MODEL, DATA, GEN, SCORE, TRAIN, EVAL, TASKS, RUN, RANK},
 }
+# What --method sppo changes, for keys the recipe and command line leave unset: the paper's
+# sampling (K = 5, temperature 0.7, top_p 0.9), loss, and data (each iteration its own).
+METHOD_DEFAULTS = {"sppo": {"num_samples": 5, "temperature": 0.7, "top_p": 0.9,
+                            "loss_type": "sppo", "data_policy": "current",
+                            "output_dir": "runs/sppo"}}
+# Keys a resumed run may change without --force: they do not change what the run computes.
+RESUMABLE_KEYS = {"force", "from_iteration", "resume", "overwrite", "device", "batch_size",
+                  "logprob_chunk_size", "push_to_hub", "logging_steps", "save_steps"}
 
 
 def opt(default: Any, help: str, groups: set[str] | str, *, choices: tuple | None = None,
@@ -70,12 +81,14 @@ class Config:
         "paper) or last; earlier turns stay in the prompt.", {DATA}, choices=("first", "last"))
     skip_bad_rows: bool = opt(False, "Skip malformed rows (they are counted and reported) instead "
                               "of stopping at the first one.", {DATA})
-    max_prompts: int = opt(0, "Use only the first N prompts of the split (0: all).", {DATA})
+    max_prompts: int = opt(0, "Use only the first N prompts of the split (0: all).", {DATA},
+                           command_defaults={"run": 128})
     # --- generation --------------------------------------------------------------------
     output_dir: str = opt("generated", "Where the command writes its output.",
-                          {GEN, SCORE, CONVERT, EVAL},
+                          {GEN, SCORE, CONVERT, EVAL, RANK},
                           command_defaults={"convert": "pairs", "score": "scored",
-                                            "evaluate": "eval", "train": "checkpoints/spin"})
+                                            "evaluate": "eval", "train": "checkpoints/spin",
+                                            "run": "runs/spin", "rank": "ranked"})
     batch_size: int = opt(0, "Prompts per batch (0: 64 on CPU, 128 on GPU).", {GEN, SCORE, EVAL})
     data_frac: int = opt(0, "Which fraction of the split to process (with frac_len).", {GEN})
     frac_len: int = opt(0, "Prompts per fraction; 0 takes the whole split as fraction 0.", {GEN})
@@ -89,7 +102,15 @@ class Config:
     seed: int = opt(42, "Random seed of sampling, and of data order and initialisation in "
                     "training.", {GEN, TRAIN})
     overwrite: bool = opt(False, "Redo finished work (shards, a trained model) instead of "
-                          "skipping it.", {GEN, SCORE, TRAIN})
+                          "skipping it.", {GEN, SCORE, TRAIN, RANK})
+    # --- ranking (SPPO) ---------------------------------------------------------------------
+    judge: str = opt("rule", "Preference oracle: rule (task-suite checker), reward-model, pairrm "
+                     "(llm-blender), or module:function.", {RANK})
+    reward_model: str = opt("", "With --judge reward-model: a sequence-classification model "
+                            "(hub id or path).", {RANK})
+    pairrm_estimator: str = opt("paper", "With --judge pairrm: paper (scores over all K, then "
+                                "σ(s_i − s_j)) or pairwise (one comparison per ordered pair).",
+                                {RANK}, choices=("paper", "pairwise"))
     score: bool = opt(False, "Right after generating, score references and responses with the "
                       "same model (stored reference log-probs).", {GEN})
     # --- scoring -----------------------------------------------------------------------
@@ -101,15 +122,16 @@ class Config:
                                   {SCORE, GEN, EVAL, TRAIN})
     # --- training (the official recipe's keys) ---------------------------------------------
     per_device_train_batch_size: int = opt(8, "Pairs per process per step (the paper: 8 on each "
-                                           "of 8 GPUs).", {TRAIN})
+                                           "of 8 GPUs).", {TRAIN}, command_defaults={"run": 4})
     gradient_accumulation_steps: int = opt(1, "Steps whose gradients add up to one update.",
                                            {TRAIN})
     num_train_epochs: float = opt(2.0, "Passes over the pairs (the paper: 2 per iteration).",
-                                  {TRAIN})
+                                  {TRAIN}, command_defaults={"run": 1.0})
     max_steps: int = opt(0, "Stop after this many optimizer updates (0: by num_train_epochs).",
                          {TRAIN})
     learning_rate: float = opt(5e-6, "Peak learning rate (the paper: 5e-7 for zephyr-7b; the "
-                               "default suits the embedded 135M model).", {TRAIN})
+                               "defaults are sized for the embedded 135M model, see "
+                               "docs/default-run.md).", {TRAIN}, command_defaults={"run": 2e-6})
     lr_scheduler_type: str = opt("linear", "Schedule after warmup.", {TRAIN},
                                  choices=("linear", "cosine", "constant"))
     warmup_ratio: float = opt(0.1, "Share of the updates spent warming up linearly.", {TRAIN})
@@ -120,10 +142,14 @@ class Config:
     beta: float = opt(0.1, "β of the loss: how far θ may move from the reference (the paper: "
                       "0.1, and 5.0 in the last iteration).", {TRAIN})
     loss_type: str = opt("sigmoid", "sigmoid: SPIN's logistic loss (TRL's name); hinge: "
-                         "max(0, 1 - β·margin).", {TRAIN}, choices=("sigmoid", "hinge"))
+                         "max(0, 1 - β·margin); sppo (soft), sppo_single, sppo_hard: SPPO's, "
+                         "on pairs with win probabilities.", {TRAIN},
+                         choices=("sigmoid", "hinge", "sppo", "sppo_single", "sppo_hard"))
     bf16: bool = opt(False, "bfloat16 mixed precision (the paper: true, on GPUs).", {TRAIN})
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
                                        {TRAIN})
+    group_by_length: bool = opt(True, "Batch pairs of similar length together (seeded), so "
+                                "that less compute goes to padding.", {TRAIN})
     logging_steps: int = opt(10, "Log averaged metrics every N updates.", {TRAIN})
     save_steps: int = opt(0, "Save a resumable checkpoint every N updates (0: only the final "
                           "model).", {TRAIN})
@@ -136,11 +162,13 @@ class Config:
                                    "comma-separated names (q_proj,v_proj).", {TRAIN})
     load_in_4bit: bool = opt(False, "QLoRA: load the base weights in 4-bit NF4 with double "
                              "quantization (bitsandbytes); needs --use_peft.", {TRAIN})
+    reference_model: str = opt("", "The reference π_ref when it is not the starting model "
+                               "(empty: the starting model, θ_t).", {TRAIN})
     merge_adapter: bool = opt(True, "With LoRA, save the merged model (what the next iteration "
                               "generates from); false saves the adapter alone.", {TRAIN})
     # --- convert -----------------------------------------------------------------------
-    shards_dir: str = opt("generated", "Directory of generation shards to merge.", {CONVERT},
-                          aliases=("input_dir",))
+    shards_dir: str = opt("generated", "Directory of generation shards to merge (convert) or "
+                          "judge (rank).", {CONVERT, RANK}, aliases=("input_dir",))
     num_fracs: int = opt(0, "Number of train fractions expected (0: whatever is there); the test "
                          "split is whatever was generated.",
                          {CONVERT})
@@ -158,8 +186,62 @@ class Config:
     export_format: str = opt("jsonl", "File format of `selfplay tasks export`.", {TASKS},
                              choices=("jsonl", "parquet"))
 
+    # --- the loop (selfplay run) -----------------------------------------------------------
+    method: str = opt("spin", "Self-play method: spin (pairs against the dataset's answers) or "
+                      "sppo (K samples judged against each other).", {RUN},
+                      choices=("spin", "sppo"))
+    num_iterations: int = opt(2, "Iterations t = 0 .. T-1; iteration t trains θ_{t+1} from θ_t.",
+                              {RUN})
+    data_policy: str = opt(
+        "previous_and_current", "Pairs iteration t trains on: current (its own), or "
+        "previous_and_current (iteration t-1's and t's, the paper's choice from iteration 1 on).",
+        {RUN}, choices=("current", "previous_and_current"))
+    start_from: str = opt("previous", "Weights iteration t starts from: previous (θ_t, the "
+                          "paper) or sft (the original model; θ_t stays the reference).", {RUN},
+                          choices=("previous", "sft"))
+    from_iteration: int = opt(0, "Start at iteration k, with --model as θ_k (a checkpoint of "
+                              "iteration k-1).", {RUN})
+    force: bool = opt(False, "Resume a run directory even though the recipe changed.", {RUN})
+    push_to_hub: str = opt("", "Push the final model to this hub repository (nothing is pushed "
+                           "unless set).", {RUN})
+    iterations: list = opt(None, "Per-iteration overrides, a list of mappings (recipe only), "
+                           "e.g. [{}, {}, {learning_rate: 1.0e-7}, {beta: 5.0}].", {RUN},
+                           default_factory=list)
+
+    def for_iteration(self, t: int) -> "Config":
+        """This config with iteration t's overrides applied."""
+        over = self.iterations[t] if t < len(self.iterations) else {}
+        return dataclasses.replace(self, **over)
+
+    def effective_batch_size(self) -> int:
+        """--batch_size, or 0's default: larger on a GPU (measured in bench/)."""
+        if self.batch_size:
+            return self.batch_size
+        import torch
+        on_gpu = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        return 128 if on_gpu else 64
+
     def validate(self, command: str | None = None) -> None:
         """Cross-option checks that a single value's type cannot express."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise SelfplayError(msg)
+        self.validate_one()
+        need(self.num_iterations > 0, "--num_iterations must be positive.")
+        need(0 <= self.from_iteration < self.num_iterations,
+             f"--from_iteration {self.from_iteration} must lie in [0, --num_iterations "
+             f"{self.num_iterations}).")
+        need(len(self.iterations) <= self.num_iterations,
+             f"`iterations` has {len(self.iterations)} entries but --num_iterations is "
+             f"{self.num_iterations}.")
+        for t in range(len(self.iterations)):
+            try:
+                self.for_iteration(t).validate_one()
+            except SelfplayError as e:
+                raise SelfplayError(f"iteration {t} of `iterations`: {e}") from None
+
+    def validate_one(self) -> None:
+        """The checks of one set of values (the run's, or one iteration's)."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise SelfplayError(msg)
@@ -199,6 +281,9 @@ class Config:
              "--load_in_4bit (QLoRA) trains an adapter on frozen 4-bit weights, so it needs "
              "--use_peft; 4-bit weights themselves cannot be trained.")
         need(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other.")
+        need(self.method != "sppo" or (self.num_samples >= 2 and self.loss_type.startswith("sppo")),
+             "--method sppo needs --num_samples of at least 2 (the paper: 5) and an SPPO "
+             "--loss_type (sppo, sppo_single or sppo_hard).")
         need(self.tasks_train_size > 0 and self.tasks_test_size > 0,
              "--tasks_train_size and --tasks_test_size must be positive.")
 
@@ -231,8 +316,8 @@ def _canonical(key: str, command: str | None = None) -> str:
 
 
 def _type_name(tp: Any) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, str(tp))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list of mappings"}.get(tp, str(tp))
 
 
 def coerce(name: str, value: Any, source: str = "") -> Any:
@@ -274,6 +359,25 @@ def coerce(name: str, value: Any, source: str = "") -> Any:
         if isinstance(value, (dict, list)):
             raise bad
         out = str(value)
+    elif tp is list:                 # `iterations`: per-iteration overrides, each key checked
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise bad from None
+        if not isinstance(value, list) or not all(isinstance(v, dict) or v is None
+                                                   for v in value):
+            raise bad
+        out = []
+        for t, over in enumerate(value):
+            entry = {}
+            for k, v in (over or {}).items():
+                key = _canonical(str(k))
+                if key not in FIELDS or key == name:
+                    raise _unknown(key, list(FIELDS), f"{source or 'the recipe'} "
+                                   f"`{name}` entry {t}", None)
+                entry[key] = coerce(key, v, f"{source or 'the recipe'} `{name}` entry {t}")
+            out.append(entry)
     else:  # pragma: no cover - the schema holds only the types above
         out = value
     choices = f.metadata["choices"]
@@ -343,6 +447,7 @@ def load_config(command: str, recipe: str | Path | None = None,
     valid_set = set(valid)
     values: dict[str, Any] = {f.name: f.metadata["command_defaults"][command]
                               for f in FIELDS.values() if command in f.metadata["command_defaults"]}
+    explicit_keys: set[str] = set()     # set by the recipe or the command line
     if recipe is not None:
         path = Path(recipe)
         if not path.is_file():
@@ -359,11 +464,16 @@ def load_config(command: str, recipe: str | Path | None = None,
                 raise _unknown(name, valid, str(path), None)
             # A recipe may hold keys of other commands (one recipe for a whole run).
             values[name] = coerce(name, value, str(path))
+            explicit_keys.add(name)
     for key, value in parse_overrides(overrides or [], command):
         name = _canonical(key, command)
         if name not in valid_set:
             raise _unknown(name, valid, "", command)
         values[name] = coerce(name, value)
+        explicit_keys.add(name)
+    for k, v in METHOD_DEFAULTS.get(values.get("method", ""), {}).items():
+        if k not in explicit_keys:
+            values[k] = v
     cfg = Config(**values)
     cfg.validate(command)
     return cfg

@@ -64,6 +64,38 @@ def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, bat
     }
 
 
+def evaluate_models(cfg, model_spec: str, baseline: str | None = None,
+                    baseline_rows: list[dict] | None = None) -> dict:
+    """Evaluate a model on cfg's held-out split (the suite's test split by default).
+
+    With `baseline` (a model) or `baseline_rows` (a previous evaluation's rows), adds the
+    head-to-head win rate and, for a model, the baseline's own measures.
+    """
+    from selfplay.data.formats import BUILTIN_TASKS, read_for
+    from selfplay.models import load_model
+
+    split = "test" if cfg.dataset == BUILTIN_TASKS and cfg.split == "train" else cfg.split
+    examples = read_for(cfg, split).examples
+
+    def run(spec: str, label: str) -> dict:
+        model, tok = load_model(spec, cfg.device, cfg.dtype)
+        r = evaluate(model, tok, examples, cfg.max_new_tokens, cfg.effective_batch_size(),
+                     chunk_size=cfg.logprob_chunk_size, desc=f"evaluate {label}")
+        r["model"] = spec
+        return r
+
+    result = run(model_spec, "model")
+    if baseline:
+        base = run(baseline, "baseline")
+        baseline_rows = base.pop("rows")
+        result["baseline"] = base
+    if baseline_rows is not None:
+        result["win_rate"] = win_rate([r["correct"] for r in result["rows"]],
+                                      [r["correct"] for r in baseline_rows])
+    result.update({"dataset": cfg.dataset, "split": split})
+    return result
+
+
 def format_table(result: dict, baseline: dict | None = None, name: str = "model",
                  baseline_name: str = "baseline") -> str:
     """A plain-text table: per-family accuracy, an overall row, and the other measures."""

@@ -185,3 +185,70 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def settings_record(model_spec: str, s: SamplingSettings, num_samples: int) -> dict:
     return {"model": model_spec, "num_samples": num_samples, **asdict(s)}
+
+
+# ---------------------------------------------------------------------------------------
+# The generate stage: one process's shard of one fraction of a split
+# ---------------------------------------------------------------------------------------
+
+def generate_split(cfg) -> Path | None:
+    """Generate (and with cfg.score, score) this process's shard; returns its path.
+
+    A complete shard is skipped unless cfg.overwrite; under `accelerate launch` each process
+    writes its own contiguous slice of the fraction.
+    """
+    import sys
+
+    from accelerate import PartialState
+
+    from selfplay.data.formats import read_for
+    from selfplay.errors import SelfplayError
+    from selfplay.models import load_model
+    from selfplay.scoring import score_shard_rows
+
+    # cpu=True lets accelerate form a gloo process group when there is no GPU.
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    examples = read_for(cfg).examples
+    start, end = fraction(len(examples), cfg.data_frac, cfg.frac_len)
+    if start >= len(examples):
+        last = (len(examples) - 1) // cfg.frac_len
+        raise SelfplayError(f"--data_frac {cfg.data_frac} is past the end: the split has "
+                            f"{len(examples)} prompts, so with --frac_len {cfg.frac_len} the "
+                            f"last fraction is {last}.")
+    lo, hi = process_slice(end - start, state.process_index, state.num_processes)
+    mine = examples[start + lo:start + hi]
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / shard_name(cfg.split, cfg.data_frac, state.process_index,
+                                state.num_processes)
+    if path.exists() and not cfg.overwrite:
+        print(f"{path} is complete; skipping it (--overwrite to redo).", file=sys.stderr)
+        return path
+    model, tok = load_model(cfg.model_name_or_path, str(state.device) if cfg.device == "auto"
+                            else cfg.device, cfg.dtype)
+    s = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
+                         cfg.effective_batch_size())
+    prompts = [e.prompt for e in mine]
+    samples = [generate(model, tok, prompts, s, stream=f"{path.name}/{k}",
+                        desc=f"generate {k + 1}/{cfg.num_samples}")
+               for k in range(cfg.num_samples)]
+    settings = settings_record(cfg.model_name_or_path, s, cfg.num_samples)
+    rows = [{"prompt_id": e.prompt_id, "prompt": e.prompt, "reference": e.reference,
+             "responses": [gs[i].text for gs in samples],
+             "response_tokens": [gs[i].n_tokens for gs in samples],
+             "finish_reasons": [gs[i].finish_reason for gs in samples],
+             "extra": e.extra, "settings": settings} for i, e in enumerate(mine)]
+    if cfg.score:
+        score_shard_rows(model, tok, rows, cfg.model_name_or_path, cfg.max_length,
+                         cfg.max_prompt_length, cfg.effective_batch_size(),
+                         cfg.logprob_chunk_size)
+    write_jsonl_atomic(path, rows)
+    n = sum(len(r["responses"]) for r in rows)
+    cut = sum(f == "length" for r in rows for f in r["finish_reasons"])
+    print(f"wrote {path}: {len(rows)} prompts, {n} responses, {cut} cut by --max_new_tokens",
+          file=sys.stderr)
+    if state.is_main_process and rows:
+        r = rows[0]
+        print(f"\n[{r['prompt_id']}] {r['prompt'][-1]['content']}\n-> {r['responses'][0]}",
+              file=sys.stderr)
+    return path

@@ -37,6 +37,10 @@ from selfplay.losses import pair_loss
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
 
 COMPLETE = "training_complete.json"
+# The loss arguments each SPPO loss takes, and the columns of the official SPPO data they come
+# from.
+LOSS_PROBS = {"sppo": {"p_win": "chosen_probs_win", "p_lose": "chosen_probs_lose"},
+              "sppo_single": {"p_chosen": "chosen_probs"}}
 REF_CACHE = "reference_logps.json"
 
 
@@ -103,14 +107,23 @@ def load_pairs(cfg: Config, tokenizer) -> tuple[list[Pair], dict]:
                                 cfg.max_length, cfg.max_prompt_length)
             pair = Pair(ex.prompt_id, chosen, rejected, extra=ex.extra)
             e = ex.extra
+            stored = (e.get("ref_logp_real", e.get("ref_logp_chosen")),
+                      e.get("ref_logp_generated", e.get("ref_logp_rejected")))
             # Under QLoRA the starting policy is the 4-bit base, not the model that scored the
             # pairs: its own log-probs (adapter disabled) are the reference.
-            if (not cfg.load_in_4bit and "ref_logp_real" in e
-                    and e.get("score_model") == cfg.model_name_or_path
+            if (not cfg.load_in_4bit and None not in stored
+                    and e.get("score_model") == (cfg.reference_model or cfg.model_name_or_path)
                     and e.get("score_max_length") == cfg.max_length
                     and e.get("score_max_prompt_length") == cfg.max_prompt_length):
-                pair.ref_chosen, pair.ref_rejected = e["ref_logp_real"], e["ref_logp_generated"]
+                pair.ref_chosen, pair.ref_rejected = stored
                 stats["stored_reference"] += 1
+            need = tuple(LOSS_PROBS.get(cfg.loss_type, {}).values())
+            missing = [c for c in need if not isinstance(e.get(c), (int, float))]
+            if missing:
+                raise SelfplayError(f"{src}: --loss_type {cfg.loss_type} needs the columns "
+                                    f"{', '.join(need)} (SPPO pairs, as `selfplay rank` and "
+                                    f"`convert` write them); row {ex.prompt_id} lacks "
+                                    f"{', '.join(missing)}.")
             stats["truncated"] += chosen.truncated or rejected.truncated
             pairs.append(pair)
     if not pairs:
@@ -171,8 +184,8 @@ def load_for_training(cfg: Config, device: torch.device):
 # ---------------------------------------------------------------------------------------
 
 def _fingerprint(cfg: Config, pairs: list[Pair]) -> str:
-    h = hashlib.sha256(f"{cfg.model_name_or_path}|{cfg.max_length}|{cfg.max_prompt_length}|"
-                       f"{cfg.load_in_4bit}".encode())
+    h = hashlib.sha256(f"{cfg.reference_model or cfg.model_name_or_path}|{cfg.max_length}|"
+                       f"{cfg.max_prompt_length}|{cfg.load_in_4bit}".encode())
     for p in pairs:
         h.update(repr((p.chosen.input_ids, p.rejected.input_ids)).encode())
     return h.hexdigest()[:16]
@@ -225,8 +238,16 @@ def reference_logps(cfg: Config, model, pairs: list[Pair], pad_id: int, accelera
         raise SelfplayError(f"{out} has checkpoints but no {REF_CACHE}: the reference log-probs "
                             "of θ_t cannot be recomputed from moved weights; start over with "
                             "--overwrite.")
-    compute_reference(model, pairs, pad_id, cfg.per_device_train_batch_size * 2,
-                      cfg.logprob_chunk_size, accelerator)
+    if cfg.reference_model and cfg.reference_model != cfg.model_name_or_path:
+        # θ_t is not the starting point (start_from: sft): load it for this pass only.
+        from selfplay.models import load_model
+        ref, _ = load_model(cfg.reference_model, str(accelerator.device), cfg.dtype)
+        compute_reference(ref, pairs, pad_id, cfg.per_device_train_batch_size * 2,
+                          cfg.logprob_chunk_size, accelerator)
+        del ref
+    else:
+        compute_reference(model, pairs, pad_id, cfg.per_device_train_batch_size * 2,
+                          cfg.logprob_chunk_size, accelerator)
     if accelerator.is_main_process:
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps({"fingerprint": fp,
@@ -240,6 +261,33 @@ def reference_logps(cfg: Config, model, pairs: list[Pair], pad_id: int, accelera
 # 4-5. The loop
 # ---------------------------------------------------------------------------------------
 
+def epoch_batches(lengths: list[int], per_device: int, world: int, seed: int, epoch: int,
+                  group_by_length: bool = True) -> list[list[int]]:
+    """The global batches (per_device x world pair indices each) of one epoch.
+
+    A seeded permutation of the pairs (the same seed and epoch, the same order). With
+    group_by_length, each run of 32 global batches is sorted by pair length before it is cut,
+    and the batches are then shuffled: pairs of similar length share a batch, so padding
+    shrinks (random batches of SPIN pairs on the task suite pad to 2.5x their tokens, grouped
+    ones to 1.3x). The last batch is filled from the start of the permutation when needed so
+    that every process gets the same number of pairs.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    size = per_device * world
+    if group_by_length:
+        mega = size * 32
+        perm = [i for s in range(0, len(perm), mega)
+                for i in sorted(perm[s:s + mega], key=lambda i: -lengths[i])]
+    batches = [perm[s:s + size] for s in range(0, len(perm), size)]
+    short = -len(batches[-1]) % world
+    batches[-1] = batches[-1] + perm[:short]
+    if group_by_length:
+        order = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in order]
+    return batches
+
+
 def _optimizer(cfg: Config, params):
     if cfg.optim == "rmsprop":   # the paper's choice; torch defaults alpha 0.99, eps 1e-8
         return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -252,18 +300,21 @@ def _checkpoints(out: Path) -> list[Path]:
         if d.exists() else []
 
 
-def _metrics(loss_vec, pw, pl, rw, rl, beta) -> dict[str, torch.Tensor]:
+def _metrics(loss_vec, pw, pl, rw, rl, beta, names=("real", "generated")
+             ) -> dict[str, torch.Tensor]:
+    """The official SPIN metrics (SPPO names the pair chosen/rejected)."""
+    w, l = names
     real, gen = beta * (pw - rw).detach(), beta * (pl - rl).detach()
-    return {"loss": loss_vec.detach().mean(), "rewards/real": real.mean(),
-            "rewards/generated": gen.mean(), "rewards/margins": (real - gen).mean(),
+    return {"loss": loss_vec.detach().mean(), f"rewards/{w}": real.mean(),
+            f"rewards/{l}": gen.mean(), "rewards/margins": (real - gen).mean(),
             "rewards/accuracies": (real > gen).float().mean(),
-            "logps/real": pw.detach().mean(), "logps/generated": pl.detach().mean()}
+            f"logps/{w}": pw.detach().mean(), f"logps/{l}": pl.detach().mean()}
 
 
 def train(cfg: Config) -> Path:
     """Run the training stage; returns the output directory (a Hugging Face checkpoint)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     out = Path(cfg.output_dir)
@@ -275,8 +326,7 @@ def train(cfg: Config) -> Path:
         shutil.rmtree(out)
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.bf16 else "no",
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     set_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     main = accelerator.is_main_process
@@ -292,12 +342,20 @@ def train(cfg: Config) -> Path:
     wrapped = ResponseLogProbs(model, cfg.logprob_chunk_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(cfg, params)
-    loader = torch.utils.data.DataLoader(list(range(len(pairs))),
-                                         batch_size=cfg.per_device_train_batch_size,
-                                         shuffle=True, collate_fn=lambda idx: idx,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
-    wrapped, optimizer, loader = accelerator.prepare(wrapped, optimizer, loader)
-    per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
+    rank, world, ga = accelerator.process_index, accelerator.num_processes, \
+        cfg.gradient_accumulation_steps
+
+    def batches_of(epoch: int) -> list[list[int]]:
+        return epoch_batches(lengths, cfg.per_device_train_batch_size, world, cfg.seed, epoch,
+                             cfg.group_by_length)
+
+    # An update is exactly `ga` batches; an epoch's few leftover batches (< ga) are dropped.
+    per_epoch = len(batches_of(0)) // ga
+    if per_epoch == 0:
+        raise SelfplayError(f"{len(pairs)} pairs make fewer batches than "
+                            f"--gradient_accumulation_steps {ga}.")
     total = cfg.max_steps or math.ceil(cfg.num_train_epochs * per_epoch)
     # Stepped by hand once per update: accelerate's wrapper would step it once per process.
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
@@ -327,13 +385,13 @@ def train(cfg: Config) -> Path:
     window: dict[str, list[float]] = {}
     acc: dict[str, list[torch.Tensor]] = {}
     t0, tokens = time.perf_counter(), 0
+    names = ("chosen", "rejected") if cfg.loss_type.startswith("sppo") else ("real", "generated")
     epoch = step // per_epoch
     while step < total:
-        loader.set_epoch(epoch)
-        skip = (step - epoch * per_epoch) * cfg.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for idx in batches:
-            ps = [pairs[i] for i in idx]
+        skip = (step - epoch * per_epoch) * ga
+        for gbatch in batches_of(epoch)[skip:per_epoch * ga]:
+            share = len(gbatch) // world
+            ps = [pairs[i] for i in gbatch[rank * share:(rank + 1) * share]]
             batch = {k: v.to(accelerator.device) for k, v in collate(
                 [p.chosen for p in ps] + [p.rejected for p in ps], tok.pad_token_id).items()}
             rw = torch.tensor([p.ref_chosen for p in ps], device=accelerator.device)
@@ -342,9 +400,12 @@ def train(cfg: Config) -> Path:
                 with accelerator.autocast():
                     logps, _ = wrapped(**batch)               # one forward for [real; generated]
                 pw, pl = logps.float().chunk(2)
-                loss_vec = pair_loss(cfg.loss_type, pw, pl, rw, rl, cfg.beta)
+                probs = {arg: torch.tensor([p.extra[col] for p in ps], device=accelerator.device,
+                                           dtype=torch.float32)
+                         for arg, col in LOSS_PROBS.get(cfg.loss_type, {}).items()}
+                loss_vec = pair_loss(cfg.loss_type, pw, pl, rw, rl, cfg.beta, **probs)
                 accelerator.backward(loss_vec.mean())
-                for k, v in _metrics(loss_vec, pw, pl, rw, rl, cfg.beta).items():
+                for k, v in _metrics(loss_vec, pw, pl, rw, rl, cfg.beta, names).items():
                     acc.setdefault(k, []).append(v)
                 tokens += int(batch["attention_mask"].sum())
                 if accelerator.sync_gradients:
@@ -369,7 +430,7 @@ def train(cfg: Config) -> Path:
                        "learning_rate": scheduler.get_last_lr()[0],
                        **{k: sum(v) / len(v) for k, v in window.items()},
                        "tokens_per_s": tokens * accelerator.num_processes /
-                       (time.perf_counter() - t0)}
+                       (time.perf_counter() - t0), "elapsed_s": time.perf_counter() - t0}
                 window = {}
                 if main:
                     with log_path.open("a") as fh:

@@ -323,3 +323,16 @@ def read_examples(source: str, split: str = "train", layout: str = "auto",
         raise SelfplayError(f"{source} (split {split!r}) has no usable rows"
                             + (f": all {len(skipped)} were bad." if skipped else "."))
     return ReadResult(examples, "+".join(layouts), files, skipped)
+
+
+def read_for(cfg, split: str | None = None) -> ReadResult:
+    """read_examples with a command's options, reporting what was read and skipped."""
+    import sys
+
+    res = read_examples(cfg.dataset, split or cfg.split, cfg.dataset_layout, cfg.reference_turn,
+                        cfg.skip_bad_rows, cfg.max_prompts, cfg.tasks_seed, cfg.tasks_train_size,
+                        cfg.tasks_test_size)
+    print(f"read {res.summary()}", file=sys.stderr)
+    for msg in res.skipped[:5]:
+        print(f"  skipped: {msg}", file=sys.stderr)
+    return res

@@ -81,6 +81,34 @@ def shard_rows_to_pairs(rows: list[dict]) -> list[dict]:
     return pairs
 
 
+def ranked_rows_to_sppo_pairs(rows: list[dict]) -> tuple[list[dict], int]:
+    """SPPO pairs from ranked rows (K responses + the judge's K×K matrix), in the official
+    SPPO columns; prompts whose K responses all tie are left out and counted."""
+    from selfplay.judges import sppo_pair
+
+    pairs, ties = [], 0
+    for r in rows:
+        sel = sppo_pair(r["matrix"])
+        if sel is None:
+            ties += 1
+            continue
+        w, l = sel["chosen_index"], sel["rejected_index"]
+        pair = {"prompt_id": r["prompt_id"], "prompt": r["prompt"],
+                "chosen": r["prompt"] + [{"role": "assistant", "content": r["responses"][w]}],
+                "rejected": r["prompt"] + [{"role": "assistant", "content": r["responses"][l]}],
+                "chosen_probs": sel["chosen_probs"], "chosen_probs_win": sel["chosen_probs_win"],
+                "chosen_probs_lose": sel["chosen_probs_lose"], "judge": r["judge"],
+                "finish_reason": r["finish_reasons"][l], **_scalar_extras(r.get("extra", {}))}
+        if "ref_logp_responses" in r:
+            s = r["score_settings"]
+            pair.update({"ref_logp_chosen": r["ref_logp_responses"][w],
+                         "ref_logp_rejected": r["ref_logp_responses"][l],
+                         "score_model": s["model"], "score_max_length": s["max_length"],
+                         "score_max_prompt_length": s["max_prompt_length"]})
+        pairs.append(pair)
+    return pairs, ties
+
+
 def write_parquet_atomic(path: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -92,7 +120,12 @@ def write_parquet_atomic(path: Path, rows: list[dict]) -> None:
 
 def convert(shards_dir: str | Path, output_dir: str | Path, num_fracs: int = 0,
             allow_missing: bool = False) -> dict:
-    """Merge shards into SPIN pair files; returns the report (also written as JSON)."""
+    """Merge shards into pair files; returns the report (also written as JSON).
+
+    Generation shards give SPIN pairs (`real`, `generated`); ranked shards (`selfplay rank`)
+    give SPPO pairs (`chosen`, `rejected`, `chosen_probs`, `chosen_probs_win`,
+    `chosen_probs_lose`).
+    """
     shards_dir, output_dir = Path(shards_dir), Path(output_dir)
     if not shards_dir.is_dir():
         raise SelfplayError(f"shard directory {shards_dir} does not exist.")
@@ -116,14 +149,18 @@ def convert(shards_dir: str | Path, output_dir: str | Path, num_fracs: int = 0,
                     continue
                 seen.add(row["prompt_id"])
                 rows.append(row)
-        pairs = shard_rows_to_pairs(rows)
+        ties = 0
+        if rows and "matrix" in rows[0]:
+            pairs, ties = ranked_rows_to_sppo_pairs(rows)
+        else:
+            pairs = shard_rows_to_pairs(rows)
         output_dir.mkdir(parents=True, exist_ok=True)
         if pairs:
             write_parquet_atomic(pairs_file(output_dir, split), pairs)
         n_trunc = sum(p["finish_reason"] == "length" for p in pairs)
         report["splits"][split] = {
             "shards": len(files), "missing": missing, "prompts": len(rows), "pairs": len(pairs),
-            "duplicate_prompt_ids_dropped": dups,
+            "duplicate_prompt_ids_dropped": dups, "all_tie_prompts_left_out": ties,
             "truncated_share": n_trunc / len(pairs) if pairs else 0.0,
             "scored": bool(pairs) and all("ref_logp_real" in p for p in pairs),
             "file": str(pairs_file(output_dir, split)) if pairs else None}

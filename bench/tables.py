@@ -1,0 +1,43 @@
+"""Print the markdown tables of docs/benchmarks.md from the JSON the bench scripts write.
+
+    python bench/tables.py bench/results/generation_cpu.json bench/results/training_cpu.json
+"""
+
+import json
+import sys
+
+
+def generation(d: dict) -> str:
+    a = d["args"]
+    lines = [f"{a['prompts']} task-suite prompts, max_new_tokens {a['max_new_tokens']}, greedy; "
+             f"{d['device']}.", "",
+             "| way | seconds | tokens | tokens/s | vs official | same text as official |",
+             "|---|---|---|---|---|---|"]
+    for name, r in d["results"].items():
+        lines.append(f"| {name} | {r['seconds']:.1f} | {r['tokens']} | {r['tokens_per_s']:.1f} "
+                     f"| {r['speedup']:.2f}x | {r['same_as_official']}/{a['prompts']} |")
+    return "\n".join(lines)
+
+
+def training(d: dict) -> str:
+    a = d["args"]
+    by = {r["name"]: r for r in d["results"]}
+    lines = [f"{a['pairs']} pairs, batch {a['batch']}, one epoch; memory: "
+             f"{d['results'][0]['memory']}.", "",
+             "| trainer | loop seconds | tokens/s | vs trl | vs trl+precompute | peak MB "
+             "| vs trl | vs trl+precompute |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        lines.append(
+            f"| {r['name']} | {r['loop_s']:.1f} | {r['tokens_per_s']:.1f} "
+            f"| {r['tokens_per_s'] / by['trl']['tokens_per_s']:.2f}x "
+            f"| {r['tokens_per_s'] / by['trl+precompute']['tokens_per_s']:.2f}x "
+            f"| {r['peak_mb']:.0f} | {r['peak_mb'] / by['trl']['peak_mb']:.2f}x "
+            f"| {r['peak_mb'] / by['trl+precompute']['peak_mb']:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        d = json.load(open(path))
+        print(generation(d) if "device" in d and "prompts" in d["args"] else training(d))
+        print()

@@ -1,0 +1,149 @@
+"""`selfplay report RUN_DIR`: a markdown page with a table per iteration, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from selfplay.errors import SelfplayError
+
+
+def _load(run_dir: Path) -> list[dict]:
+    """One entry per model: θ_start, then θ_{t+1} of each finished iteration t."""
+    base = run_dir / "base" / "eval.json"
+    if not base.exists():
+        raise SelfplayError(f"{run_dir} holds no evaluation yet (base/eval.json); is it a run "
+                            "directory of `selfplay run`?")
+    models = [{"name": "start", "eval": json.loads(base.read_text()), "train": []}]
+    t = 0
+    iters = sorted((p for p in run_dir.glob("iter*") if p.name[4:].isdigit()),
+                   key=lambda p: int(p.name[4:]))
+    for it in iters:
+        t = int(it.name[4:])
+        ev = it / "eval.json"
+        if not ev.exists():
+            continue
+        log = it / "model" / "train_log.jsonl"
+        models.append({"name": f"iteration {t}", "eval": json.loads(ev.read_text()),
+                       "train": [json.loads(x) for x in log.read_text().splitlines()]
+                       if log.exists() else []})
+    return models
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def table(models: list[dict]) -> str:
+    head = ("| model | accuracy | win rate vs previous | ref. log-lik/token | response tokens "
+            "| cut by limit | final loss | reward margin | reward accuracy |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for m in models:
+        e, tr = m["eval"], (m["train"][-1] if m["train"] else {})
+        lines.append(
+            f"| {m['name']} | {_pct(e['accuracy'])} | {_pct(e.get('win_rate'))} "
+            f"| {e['reference_logp_per_token']:.3f} | {e['mean_response_tokens']:.1f} "
+            f"| {_pct(e['truncated_share'])} "
+            f"| {tr['loss']:.4f} | {tr['rewards/margins']:.3f} | {_pct(tr['rewards/accuracies'])} |"
+            if tr else
+            f"| {m['name']} | {_pct(e['accuracy'])} | {_pct(e.get('win_rate'))} "
+            f"| {e['reference_logp_per_token']:.3f} | {e['mean_response_tokens']:.1f} "
+            f"| {_pct(e['truncated_share'])} | – | – | – |")
+    return "\n".join(lines)
+
+
+def family_table(models: list[dict]) -> str:
+    fams = sorted({f for m in models for f in m["eval"]["per_family"]})
+    if not fams:
+        return ""
+    lines = ["| family | " + " | ".join(m["name"] for m in models) + " |",
+             "|---|" + "---|" * len(models)]
+    for f in fams:
+        lines.append(f"| {f} | " + " | ".join(
+            _pct(m["eval"]["per_family"].get(f, {}).get("accuracy")) for m in models) + " |")
+    return "\n".join(lines)
+
+
+def plots(models: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = list(range(len(models)))
+    ax.plot(xs, [100 * (m["eval"]["accuracy"] or 0) for m in models], "o-",
+            label="task accuracy (held-out)")
+    wr = [(i, 100 * m["eval"]["win_rate"]) for i, m in enumerate(models)
+          if m["eval"].get("win_rate") is not None]
+    if wr:
+        ax.plot([i for i, _ in wr], [w for _, w in wr], "s--", label="win rate vs previous")
+    jw = [(i, 100 * m["eval"]["judge_win_rate"]) for i, m in enumerate(models)
+          if m["eval"].get("judge_win_rate") is not None]
+    if jw:
+        ax.plot([i for i, _ in jw], [w for _, w in jw], "^:", label="judge's win rate vs previous")
+    ax.set_xticks(xs, [m["name"] for m in models])
+    ax.set_ylabel("%")
+    ax.set_title("Accuracy and win rate per iteration")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "iterations.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    trained = [m for m in models if m["train"]]
+    if trained:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        offset = 0
+        for m in trained:
+            steps = [offset + r["step"] for r in m["train"]]
+            for ax, key in zip(axes, ("loss", "rewards/margins", "rewards/accuracies")):
+                ax.plot(steps, [r[key] for r in m["train"]], label=m["name"])
+            offset = steps[-1]
+            for ax in axes:
+                ax.axvline(offset, color="grey", lw=0.5)
+        for ax, title in zip(axes, ("loss", "reward margin (real − generated)",
+                                    "reward accuracy")):
+            ax.set_title(title)
+            ax.set_xlabel("update")
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.tight_layout()
+        paths.append(out / "training.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write_report(run_dir: str | Path) -> str:
+    """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the iteration table."""
+    run_dir = Path(run_dir)
+    models = _load(run_dir)
+    pngs = plots(models, run_dir / "plots")
+    manifest = json.loads((run_dir / "manifest.json").read_text()) \
+        if (run_dir / "manifest.json").exists() else {}
+    recipe = manifest.get("recipe", {})
+    t = table(models)
+    body = [f"# selfplay run: {run_dir.name}", "",
+            f"Method **{recipe.get('method', '?')}**, model `{recipe.get('model_name_or_path')}`, "
+            f"dataset `{recipe.get('dataset')}`, {len(models) - 1} iteration(s) finished. "
+            "Each row is the model after that iteration, evaluated greedily on the held-out "
+            "split; the win rate is against the previous row's model on the same prompts "
+            "(right beats wrong, equal counts half); the training columns are the last logged "
+            "values of that iteration.", "", t, ""]
+    judged = [m for m in models if m["eval"].get("judge_win_rate") is not None]
+    if judged:
+        body += [f"Judge ({judged[0]['eval']['judge']}) win rate of each iteration's model "
+                 "against the previous one on the held-out prompts: "
+                 + ", ".join(f"{m['name']} {_pct(m['eval']['judge_win_rate'])}" for m in judged)
+                 + ".", ""]
+    body += ["## Accuracy per task family", "", family_table(models), ""]
+    body += [f"![{p.stem}](plots/{p.name})" for p in pngs]
+    stages = manifest.get("stages", {})
+    if stages:
+        body += ["", "## Stages", "", "| stage | state | seconds |", "|---|---|---|"]
+        body += [f"| {k} | {v['state']} | {v.get('seconds', '–')} |" for k, v in stages.items()]
+    (run_dir / "report.md").write_text("\n".join(body) + "\n")
+    return t

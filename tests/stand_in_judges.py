@@ -1,0 +1,8 @@
+"""Judges for tests, importable as `stand_in_judges:NAME` (a user's `module:function`)."""
+
+from selfplay.judges import from_scores
+
+
+def by_length(prompt, responses, extra):
+    """Prefers longer responses: P(i ≻ j) = σ((len_i − len_j) / 10)."""
+    return from_scores([len(r) / 10 for r in responses])

@@ -1,0 +1,132 @@
+"""`selfplay run` on the tiny model: iterations, manifest, kill-and-resume, report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfplay.cli import main
+
+
+def run_args(model_dir, out, *extra):
+    return ["run", "--model", str(model_dir), "--output_dir", str(out), "--max_prompts", "8",
+            "--tasks_test_size", "10", "--max_new_tokens", "6", "--per_device_train_batch_size",
+            "4", "--learning_rate", "1e-3", "--logging_steps", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted 2-iteration run: the reference the resumed runs must reproduce."""
+    out = tmp_path_factory.mktemp("run") / "full"
+    assert main(run_args(tiny_model_dir, out)) == 0
+    return out
+
+
+def _final(out: Path):
+    return (load_file(out / "iter1" / "model" / "model.safetensors"),
+            json.loads((out / "iter1" / "eval.json").read_text()))
+
+
+def test_two_iterations_manifest_and_report(finished_run):
+    out = finished_run
+    m = json.loads((out / "manifest.json").read_text())
+    assert list(m["stages"]) == ["base/evaluate"] + [f"iter{t}/{s}" for t in (0, 1) for s in
+                                                      ("generate", "convert", "train",
+                                                       "evaluate")]
+    assert all(s["state"] == "done" and s["checksums"] for s in m["stages"].values())
+    assert m["recipe"]["num_iterations"] == 2 and m["seeds"]["seed"] == 42
+    assert m["versions"]["torch"].startswith("2.")
+    # iteration 1 trains on iteration 0's and its own pairs (the paper's data policy)
+    done = json.loads((out / "iter1" / "model" / "training_complete.json").read_text())
+    assert [s["pairs"] for s in done["sources"]] == [8, 8]
+    assert done["stored_reference"] == 8        # its own pairs were scored by θ_1 when generated
+    ev = json.loads((out / "iter1" / "eval.json").read_text())
+    assert ev["win_rate"] is not None and ev["n"] == 10
+    # every evaluation reads the whole held-out split (10), not max_prompts (8) of it
+    assert json.loads((out / "base" / "eval.json").read_text())["n"] == 10
+    report = (out / "report.md").read_text()
+    assert "| iteration 1 |" in report and "win rate vs previous" in report
+    assert (out / "plots" / "iterations.png").stat().st_size > 1000
+    assert (out / "plots" / "training.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("stage", ["iter0/generate", "iter1/convert", "iter1/train"])
+def test_kill_and_resume_gives_the_same_result(tiny_model_dir, finished_run, tmp_path, stage):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "selfplay", *run_args(tiny_model_dir, out)]
+    killed = subprocess.run(cmd, env={**os.environ, "SELFPLAY_KILL_AFTER": stage},
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stages"][stage]["state"] == "running"        # its work was done, not recorded
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"[{stage}] redo" in resumed.stderr
+    assert "[base/evaluate] done; skipped" in resumed.stderr
+    want_w, want_e = _final(finished_run)
+    got_w, got_e = _final(out)
+    for k in want_w:
+        torch.testing.assert_close(got_w[k], want_w[k], atol=1e-6, rtol=0)
+    assert got_e["rows"] == want_e["rows"]
+    shards = list((out / "iter0" / "generated").glob("*.jsonl"))
+    assert len(shards) == 1 and len(shards[0].read_text().splitlines()) == 8   # no duplicates
+
+
+def test_finished_run_is_skipped_whole(tiny_model_dir, finished_run, capsys):
+    assert main(run_args(tiny_model_dir, finished_run)) == 0
+    err = capsys.readouterr().err
+    assert err.count("done; skipped") == 9
+
+
+def test_changed_recipe_is_refused_unless_forced(tiny_model_dir, finished_run, capsys):
+    assert main(run_args(tiny_model_dir, finished_run, "--beta", "0.5")) == 2
+    err = capsys.readouterr().err
+    assert "beta differ" in err and "beta 0.1 -> 0.5" in err and "--force" in err
+
+
+def test_bad_recipe_value_fails_before_any_work(tiny_model_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("num_iterations: 2\niterations:\n  - {}\n  - {learning_rate: -1}\n")
+    out = tmp_path / "never"
+    assert main(["run", str(recipe), "--output_dir", str(out)]) == 2
+    assert "iteration 1 of `iterations`: --learning_rate must be positive" in \
+        capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_from_iteration_starts_there(tiny_model_dir, finished_run, tmp_path):
+    out = tmp_path / "late"
+    assert main(run_args(finished_run / "iter0" / "model", out, "--from_iteration", "1")) == 0
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert list(stages) == ["base/evaluate"] + [f"iter1/{s}" for s in ("generate", "convert",
+                                                                       "train", "evaluate")]
+    assert not (out / "iter0").exists()
+
+
+def test_push_only_when_asked(tiny_model_dir, finished_run, monkeypatch):
+    import huggingface_hub
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create", repo_id))
+
+        def upload_folder(self, folder_path, repo_id, **kw):
+            calls.append(("upload", repo_id, Path(folder_path).name))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert main(run_args(tiny_model_dir, finished_run)) == 0
+    assert calls == []
+    assert main(run_args(tiny_model_dir, finished_run, "--push_to_hub", "me/smol-spin")) == 0
+    assert calls == [("create", "me/smol-spin"), ("upload", "me/smol-spin", "model")]
+
+
+def test_report_command(finished_run, capsys):
+    assert main(["report", str(finished_run)]) == 0
+    assert "| iteration 0 |" in capsys.readouterr().out
+    assert main(["report", str(finished_run / "iter0")]) == 2
