@@ -53,3 +53,28 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
+
+
+def trl_oracle(tokenizer, tmp_path, rows: list[dict], loss_type: str, beta: float):
+    """TRL's DPOTrainer on one batch of `rows` (a policy and a different reference model).
+
+    Returns (policy, reference, batch, TRL's loss, TRL's gradients): our loss on the same
+    token tensors must give the same loss and gradients.
+    """
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    policy = make_tiny_model(tokenizer, seed=0).train()
+    ref = make_tiny_model(tokenizer, seed=1).eval()          # a different θ_t: margins ≠ 0
+    args = DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[loss_type],
+                     per_device_train_batch_size=len(rows), report_to=[], use_cpu=True,
+                     bf16=False)
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    policy.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    return policy, ref, batch, loss, grads

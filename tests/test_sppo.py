@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, trl_oracle
 from selfplay import judges
 from selfplay.errors import SelfplayError
 from selfplay.losses import sppo_hard, sppo_single, sppo_soft
@@ -138,25 +138,12 @@ def test_sppo_hard_by_hand():
 
 
 def test_sppo_hard_equals_trl(tokenizer, tmp_path):
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
-    policy = make_tiny_model(tokenizer, seed=0).train()
-    ref = make_tiny_model(tokenizer, seed=1).eval()
     rows = [{"prompt": [{"role": "user", "content": f"Name a number above {i}."}],
              "chosen": [{"role": "assistant", "content": f"{i + 1}"}],
              "rejected": [{"role": "assistant", "content": f"{i - 1}, I think"}]}
             for i in range(3)]
-    args = DPOConfig(output_dir=str(tmp_path), beta=0.5, loss_type=["sppo_hard"],
-                     per_device_train_batch_size=3, report_to=[], use_cpu=True, bf16=False)
-    trainer = DPOTrainer(model=policy, ref_model=ref, args=args,
-                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
-    policy.zero_grad()
-    trl_loss = trainer.compute_loss(trainer.model, batch)
-    trl_loss.backward()
-    trl_grads = [p.grad.clone() for p in policy.parameters()]
-    policy.zero_grad()
+    policy, ref, batch, trl_loss, trl_grads = trl_oracle(tokenizer, tmp_path, rows, "sppo_hard",
+                                                         0.5)
     mask = batch["completion_mask"].bool()
     pw, pl = response_logps(policy, batch["input_ids"], batch["attention_mask"], mask)[0].chunk(2)
     with torch.no_grad():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model, write_parquet
+from conftest import trl_oracle, write_parquet
 from selfplay.cli import main
 from selfplay.losses import spin_hinge, spin_logistic
 from selfplay.logprobs import response_logps
@@ -48,27 +48,13 @@ def test_spin_hinge_by_hand():
 # ---------------------------------------------------------------------------------------
 
 def test_loss_and_gradients_equal_trl_dpo_sigmoid(tokenizer, tmp_path):
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
-    policy = make_tiny_model(tokenizer, seed=0).train()
-    ref = make_tiny_model(tokenizer, seed=1).eval()          # a different θ_t: margins ≠ 0
     rows = [{"prompt": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}],
              "chosen": [{"role": "assistant", "content": f"{i} + {i} = {2 * i}.\nAnswer: {2 * i}"}],
              "rejected": [{"role": "assistant", "content": "I do not know. " * (i + 1)}]}
             for i in range(4)]
-    args = DPOConfig(output_dir=str(tmp_path), beta=0.1, loss_type=["sigmoid"],
-                     per_device_train_batch_size=4, report_to=[], use_cpu=True, bf16=False)
-    trainer = DPOTrainer(model=policy, ref_model=ref, args=args,
-                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    policy.zero_grad()
-    trl_loss = trainer.compute_loss(trainer.model, batch)
-    trl_loss.backward()
-    trl_grads = [p.grad.clone() for p in policy.parameters()]
-
+    policy, ref, batch, trl_loss, trl_grads = trl_oracle(tokenizer, tmp_path, rows, "sigmoid",
+                                                         0.1)
     # The same token tensors through our log-prob function and loss.
-    policy.zero_grad()
     ids, attn = batch["input_ids"], batch["attention_mask"]
     mask = batch["completion_mask"].bool()
     pw, pl = response_logps(policy, ids, attn, mask, chunk_size=16)[0].chunk(2)
