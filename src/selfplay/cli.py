@@ -6,7 +6,6 @@ task suite. Options come from the one schema in config.py; `selfplay COMMAND --h
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import textwrap
@@ -143,9 +142,10 @@ def cmd_evaluate(cfg: Config, args: list[str]) -> int:
     from selfplay.evaluation import evaluate_models, format_table
 
     result = evaluate_models(cfg, cfg.model_name_or_path, cfg.baseline or None)
+    from selfplay.generation import write_json_atomic
+
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(out / "eval.json", result)
     print(format_table(result, result.get("baseline"),
                        name=Path(cfg.model_name_or_path).name[:10] or "model",
                        baseline_name=Path(cfg.baseline).name[:10] if cfg.baseline else ""))

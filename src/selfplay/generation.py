@@ -178,6 +178,14 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def write_json_atomic(path: Path, obj) -> None:
+    """One JSON document, written to a temporary name and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

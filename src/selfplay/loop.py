@@ -30,6 +30,7 @@ from pathlib import Path
 
 from selfplay.config import RESUMABLE_KEYS, Config
 from selfplay.errors import SelfplayError
+from selfplay.generation import write_json_atomic
 
 MANIFEST = "manifest.json"
 
@@ -79,9 +80,7 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        tmp.replace(self.path)
+        write_json_atomic(self.path, self.data)
 
     def stage(self, key: str, outputs: list[Path], work, *, order: list[str]) -> bool:
         """Run `work` unless the stage is done with intact outputs; True if it ran."""
@@ -159,15 +158,9 @@ def run(cfg: Config) -> Path:
     order = stage_order(cfg)
     sft = cfg.model_name_or_path
 
-    def save_eval(path: Path, result: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(path)
-
     # Every evaluation reads the whole held-out split: max_prompts sizes the train prompts.
     base_eval = out / "base" / "eval.json"
-    manifest.stage("base/evaluate", [base_eval], lambda: save_eval(
+    manifest.stage("base/evaluate", [base_eval], lambda: write_json_atomic(
         base_eval, evaluate_models(dataclasses.replace(cfg, max_prompts=0), sft)), order=order)
     theta = sft
     prev_eval = base_eval
@@ -210,7 +203,7 @@ def run(cfg: Config) -> Path:
                 result["judge_win_rate"] = judge_win_rate(eval_cfg, judge, result["rows"],
                                                           prev_rows)
                 result["judge"] = judge.name
-            save_eval(eval_path, result)
+            write_json_atomic(eval_path, result)
 
         manifest.stage(f"iter{t}/evaluate", [eval_path], evaluate_iteration, order=order)
         theta, prev_eval = str(model_dir), eval_path

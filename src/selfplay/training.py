@@ -249,11 +249,9 @@ def reference_logps(cfg: Config, model, pairs: list[Pair], pad_id: int, accelera
         compute_reference(model, pairs, pad_id, cfg.per_device_train_batch_size * 2,
                           cfg.logprob_chunk_size, accelerator)
     if accelerator.is_main_process:
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp,
-                                   "chosen": [p.ref_chosen for p in pairs],
-                                   "rejected": [p.ref_rejected for p in pairs]}))
-        tmp.replace(cache)
+        from selfplay.generation import write_json_atomic
+        write_json_atomic(cache, {"fingerprint": fp, "chosen": [p.ref_chosen for p in pairs],
+                                  "rejected": [p.ref_rejected for p in pairs]})
     accelerator.wait_for_everyone()
 
 
@@ -471,14 +469,16 @@ def _save_final(cfg: Config, accelerator, wrapped, tok, out: Path, stats: dict,
                 step: int) -> None:
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(wrapped).model
-    state = accelerator.get_state_dict(wrapped)          # gathers ZeRO-3 / FSDP shards
-    state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    state = None
+    if not cfg.use_peft:   # every process takes part: it gathers ZeRO-3 / FSDP shards
+        state = {k[len("model."):]: v for k, v in accelerator.get_state_dict(wrapped).items()
+                 if k.startswith("model.")}
     if accelerator.is_main_process:
         model.config.use_cache = True           # generation from the checkpoint wants the cache
         if cfg.use_peft and cfg.merge_adapter:
             _save_merged(cfg, model, tok, out)
         else:   # full weights, or the adapter alone (PeftModel.save_pretrained)
-            model.save_pretrained(out, state_dict=None if cfg.use_peft else state,
+            model.save_pretrained(out, state_dict=state,
                                   safe_serialization=True)
         tok.save_pretrained(out)
         (out / COMPLETE).write_text(json.dumps({"steps": step, **stats}, indent=2))
