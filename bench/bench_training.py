@@ -15,7 +15,11 @@ time (the training loop only; model loading excluded). Peak memory: on GPU the p
 torch.cuda.max_memory_allocated; on CPU the process's peak resident set minus its resident set
 after imports (the Python/torch baseline is the same for all).
 
-    python bench/bench_training.py [--pairs 64] [--batch 8] [--json out.json]
+With --gradient_checkpointing both trainers recompute activations in backward (the official
+SPIN and SPPO recipes train this way), so that what remains is what each keeps resident:
+weights, gradients, optimizer state and, for TRL, its live reference model.
+
+    python bench/bench_training.py [--pairs 64] [--batch 8] [--gradient_checkpointing] [--json out.json]
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ def run_one(name: str, args) -> dict:
               "num_train_epochs": 1, "max_length": 1024, "max_prompt_length": 512}
     cfg_over = ["--model", args.model, "--dataset", str(data), "--output_dir", str(work),
                 "--logging_steps", "1", "--overwrite", "--bf16", str(on_gpu).lower(),
+                "--gradient_checkpointing", str(args.gradient_checkpointing).lower(),
                 *[f"--{k}={v}" for k, v in common.items()]]
     cfg = load_config("train", None, cfg_over)
     tok = load_tokenizer(resolve(args.model))
@@ -140,6 +145,8 @@ def run_one(name: str, args) -> dict:
                           optim="rmsprop", lr_scheduler_type="linear", warmup_steps=0.1,
                           max_length=1024, report_to=[], save_strategy="no", logging_steps=1,
                           use_cpu=not on_gpu, bf16=on_gpu, seed=42,
+                          gradient_checkpointing=args.gradient_checkpointing,
+                          gradient_checkpointing_kwargs={"use_reentrant": False},
                           precompute_ref_log_probs=name == "trl+precompute",
                           **{k: v for k, v in common.items() if k not in ("max_length",
                                                                             "max_prompt_length")})
@@ -161,6 +168,8 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--gradient_checkpointing", action="store_true",
+                    help="both trainers recompute activations in backward")
     ap.add_argument("--only", choices=CONFIGS + ("prepare",), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -178,7 +187,8 @@ def main() -> None:
     for name in ("prepare",) + CONFIGS:
         cmd = [sys.executable, __file__, "--only", name, "--model", args.model, "--pairs",
                str(args.pairs), "--batch", str(args.batch), "--data", str(work / "pairs"),
-               "--work", str(work)]
+               "--work", str(work)] + (["--gradient_checkpointing"] if args.gradient_checkpointing
+                                       else [])
         res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if name == "prepare":
             if res.returncode:
@@ -191,7 +201,8 @@ def main() -> None:
         results.append(r)
         print(f"{name:<20} {r['loop_s']:7.1f} s loop {r['tokens_per_s']:8.1f} tok/s "
               f"{r['peak_mb']:8.0f} MB peak ({r['memory']})", flush=True)
-    print(f"\n{args.pairs} pairs, batch {args.batch}, 1 epoch, RMSprop, beta 0.1")
+    print(f"\n{args.pairs} pairs, batch {args.batch}, 1 epoch, RMSprop, beta 0.1"
+          + (", gradient checkpointing" if args.gradient_checkpointing else ""))
     print(f"{'':<20} {'tok/s':>8} {'vs trl':>8} {'vs trl+pre':>11} {'peak MB':>8} "
           f"{'vs trl':>7} {'vs trl+pre':>11}")
     by = {r["name"]: r for r in results}
@@ -203,7 +214,8 @@ def main() -> None:
               f"{r['peak_mb'] / by['trl+precompute']['peak_mb']:10.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()
-                                                         if k in ("model", "pairs", "batch")},
+                                                         if k in ("model", "pairs", "batch",
+                                                                  "gradient_checkpointing")},
                                                "results": results}, indent=2))
 
 

@@ -22,7 +22,8 @@ def generation(d: dict) -> str:
 def training(d: dict) -> str:
     a = d["args"]
     by = {r["name"]: r for r in d["results"]}
-    lines = [f"{a['pairs']} pairs, batch {a['batch']}, one epoch; memory: "
+    gc = ", gradient checkpointing" if a.get("gradient_checkpointing") else ""
+    lines = [f"{a['pairs']} pairs, batch {a['batch']}, one epoch{gc}; memory: "
              f"{d['results'][0]['memory']}.", "",
              "| trainer | loop seconds | tokens/s | vs trl | vs trl+precompute | peak MB "
              "| vs trl | vs trl+precompute |", "|---|---|---|---|---|---|---|---|"]

@@ -101,3 +101,21 @@ def test_shipped_recipes_load(recipe):
     path = Path(__file__).parents[1] / "recipes" / recipe
     cfg = load_config("run" if recipe.endswith("-run.yaml") else "train", path)
     assert cfg.model_name_or_path
+
+
+def test_method_sppo_defaults_and_what_overrides_them(tmp_path):
+    spin = load_config("run")
+    assert (spin.num_samples, spin.loss_type, spin.max_prompts) == (1, "sigmoid", 128)
+    cfg = load_config("run", None, ["--method", "sppo"])
+    assert (cfg.num_samples, cfg.temperature, cfg.top_p, cfg.loss_type, cfg.data_policy) == \
+        (5, 0.7, 0.9, "sppo", "current")
+    assert (cfg.max_prompts, cfg.learning_rate, cfg.output_dir) == (64, 5e-6, "runs/sppo")
+    mine = load_config("run", None, ["--method", "sppo", "--num_samples", "3",
+                                     "--max_prompts", "10", "--loss_type", "sppo_hard"])
+    assert (mine.num_samples, mine.max_prompts, mine.loss_type) == (3, 10, "sppo_hard")
+    # A run recipe given to `selfplay train` keeps the method's loss, not the run's sizing.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: sppo\n")
+    train = load_config("train", recipe)
+    assert train.loss_type == "sppo" and train.max_prompts == 0
+    assert train.output_dir == "checkpoints/spin"

@@ -198,6 +198,9 @@ def test_sppo_run_two_iterations(sppo_run):
     assert len(rows) == 6 and len(rows[0]["responses"]) == 3
     assert rows[0]["settings"]["temperature"] == 0.7 and rows[0]["settings"]["top_p"] == 0.9
     assert len(rows[0]["matrix"]) == 3 and rows[0]["judge"] == "stand_in_judges:by_length"
+    # Not every sample is scored at generation: the trainer scores the chosen and rejected.
+    assert "ref_logp_responses" not in rows[0]
+    ref = json.loads((sppo_run / "iter0" / "model" / "reference_logps.json").read_text())
     import pyarrow.parquet as pq
     pairs = pq.read_table(sppo_run / "iter0" / "pairs" /
                           "train_prefs-00000-of-00001.parquet").to_pylist()
@@ -209,9 +212,15 @@ def test_sppo_run_two_iterations(sppo_run):
     log = [json.loads(x) for x in (sppo_run / "iter0" / "model" / "train_log.jsonl")
            .read_text().splitlines()]
     assert "rewards/chosen" in log[0] and log[0]["loss"] > 0
+    assert len(ref["chosen"]) == len(pairs)
     ev = json.loads((sppo_run / "iter1" / "eval.json").read_text())
     assert 0.0 <= ev["judge_win_rate"] <= 1.0
-    assert "Judge (stand_in_judges:by_length) win rate" in (sppo_run / "report.md").read_text()
+    report = (sppo_run / "report.md").read_text()
+    assert "Judge (stand_in_judges:by_length) win rate" in report
+    conv = json.loads((sppo_run / "iter0" / "pairs" / "convert_report.json").read_text())
+    n = conv["splits"]["train"]
+    assert n["pairs"] + n["all_tie_prompts_left_out"] == 6 and n["scored"] is False
+    assert f"| iteration 0 | 6 | {n['pairs']} |" in report and "mean P̂(chosen ≻ π_t)" in report
 
 
 def test_sppo_resume_after_rank(tiny_model_dir, sppo_run, tmp_path):
@@ -286,3 +295,38 @@ def test_sppo_loss_needs_probability_columns(tiny_model_dir, tmp_path, capsys):
     assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(tmp_path / "d"),
                  "--output_dir", str(tmp_path / "o"), "--loss_type", "sppo"]) == 2
     assert "needs the columns chosen_probs_win, chosen_probs_lose" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--use_peft"], ["--use_peft", "--load_in_4bit"]],
+                         ids=["lora", "qlora"])
+def test_sppo_loss_with_lora_and_qlora(tiny_model_dir, tmp_path, extra):
+    """The reference is the same model with the adapter off (QLoRA: the 4-bit base), so at
+    step 1 ℓ = 0 and the loss is the columns' 4.0, as with full fine-tuning."""
+    if "--load_in_4bit" in extra:
+        pytest.importorskip("bitsandbytes")
+    data = tmp_path / "synthetic_data_score"
+    write_parquet(data / "train.parquet", _published_sppo())
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(data),
+                 "--output_dir", str(out), "--loss_type", "sppo", "--beta", "0.1",
+                 "--per_device_train_batch_size", "4", "--max_steps", "4", "--logging_steps",
+                 "1", "--learning_rate", "1e-3", "--lora_r", "4", *extra]) == 0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(4.0, rel=1e-5)
+    assert log[-1]["loss"] < log[0]["loss"]
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(out)                 # merged, in full precision
+    assert m.dtype == torch.float32 and not any("lora" in n for n, _ in m.named_parameters())
+
+
+def test_sppo_run_with_qlora(tiny_model_dir, tmp_path):
+    """Two iterations of the loop on a 4-bit base: iteration 1 quantizes θ_1, merged."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    assert main(sppo_args(tiny_model_dir, out, "--use_peft", "--load_in_4bit", "--lora_r",
+                          "4")) == 0
+    for t in (0, 1):
+        assert (out / f"iter{t}" / "model" / "model.safetensors").exists()
+        assert (out / f"iter{t}" / "model" / "reference_logps.json").exists()
+    assert json.loads((out / "iter1" / "eval.json").read_text())["judge"] == \
+        "stand_in_judges:by_length"

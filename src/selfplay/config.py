@@ -36,10 +36,13 @@ COMMAND_GROUPS: dict[str, set[str]] = {
     "run": {MODEL, DATA, GEN, SCORE, TRAIN, EVAL, TASKS, RUN, RANK},
 }
 # What --method sppo changes, for keys the recipe and command line leave unset: the paper's
-# sampling (K = 5, temperature 0.7, top_p 0.9), loss, and data (each iteration its own).
+# sampling (K = 5, temperature 0.7, top_p 0.9), loss, and data (each iteration its own);
+# under `selfplay run`, also the sizing of the embedded default SPPO run: K samples cost K
+# generations, so fewer prompts fit in its 30 minutes (docs/sppo-default-run.md).
 METHOD_DEFAULTS = {"sppo": {"num_samples": 5, "temperature": 0.7, "top_p": 0.9,
-                            "loss_type": "sppo", "data_policy": "current",
-                            "output_dir": "runs/sppo"}}
+                            "loss_type": "sppo", "data_policy": "current"}}
+RUN_METHOD_DEFAULTS = {"sppo": {"output_dir": "runs/sppo", "max_prompts": 64,
+                                "learning_rate": 5e-6}}
 # Keys a resumed run may change without --force: they do not change what the run computes.
 RESUMABLE_KEYS = {"force", "from_iteration", "resume", "overwrite", "device", "batch_size",
                   "logprob_chunk_size", "push_to_hub", "logging_steps", "save_steps"}
@@ -188,7 +191,10 @@ class Config:
 
     # --- the loop (selfplay run) -----------------------------------------------------------
     method: str = opt("spin", "Self-play method: spin (pairs against the dataset's answers) or "
-                      "sppo (K samples judged against each other).", {RUN},
+                      "sppo (K samples judged against each other). sppo changes the defaults of "
+                      "num_samples (5), temperature (0.7), top_p (0.9), loss_type (sppo), "
+                      "data_policy (current), max_prompts (64), learning_rate (5e-6) and "
+                      "output_dir (runs/sppo).", {RUN},
                       choices=("spin", "sppo"))
     num_iterations: int = opt(2, "Iterations t = 0 .. T-1; iteration t trains θ_{t+1} from θ_t.",
                               {RUN})
@@ -471,7 +477,9 @@ def load_config(command: str, recipe: str | Path | None = None,
             raise _unknown(name, valid, "", command)
         values[name] = coerce(name, value)
         explicit_keys.add(name)
-    for k, v in METHOD_DEFAULTS.get(values.get("method", ""), {}).items():
+    method = values.get("method", "")
+    for k, v in {**METHOD_DEFAULTS.get(method, {}),
+                 **(RUN_METHOD_DEFAULTS.get(method, {}) if command == "run" else {})}.items():
         if k not in explicit_keys:
             values[k] = v
     cfg = Config(**values)

@@ -1,8 +1,10 @@
 """`selfplay run`: T self-play iterations, resumable, with a manifest and a report.
 
 Iteration t (θ_t: the model given, for t = from_iteration; iteration t-1's model after):
-  generate  θ_t answers the train prompts and scores references and answers   iter{t}/generated
-  convert   shards → real/generated pairs                                       iter{t}/pairs
+  generate  θ_t answers the train prompts (SPPO: K samples each); SPIN also scores the
+            references and answers with θ_t                                   iter{t}/generated
+  rank      SPPO only: the judge's K×K preference matrix per prompt             iter{t}/ranked
+  convert   shards → pairs: SPIN real/generated; SPPO chosen/rejected + win rates iter{t}/pairs
   train     θ_{t+1} from θ_t (or the SFT model), θ_t as reference              iter{t}/model
   evaluate  θ_{t+1} on the held-out split, win rate against θ_t                 iter{t}/eval.json
 θ_{t+1} is then the opponent of iteration t+1. The starting model is evaluated once first
@@ -171,9 +173,12 @@ def run(cfg: Config) -> Path:
         it = out / f"iter{t}"
         gen_dir, pairs_dir, model_dir, eval_path = (it / "generated", it / "pairs", it / "model",
                                                     it / "eval.json")
+        # SPIN trains on every generated row, so θ_t scores them while it is loaded. SPPO
+        # trains on 2 of K responses, and only for prompts whose samples do not all tie: the
+        # trainer scores those few once with θ_t, its own starting model, before training.
         gen_cfg = dataclasses.replace(c, model_name_or_path=theta, output_dir=str(gen_dir),
-                                      split="train", data_frac=0, frac_len=0, score=True,
-                                      overwrite=False)
+                                      split="train", data_frac=0, frac_len=0,
+                                      score=c.method != "sppo", overwrite=False)
         manifest.stage(f"iter{t}/generate", [gen_dir], lambda: generate_split(gen_cfg),
                        order=order)
         shards = gen_dir

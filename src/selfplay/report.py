@@ -24,9 +24,12 @@ def _load(run_dir: Path) -> list[dict]:
         if not ev.exists():
             continue
         log = it / "model" / "train_log.jsonl"
+        conv = it / "pairs" / "convert_report.json"
         models.append({"name": f"iteration {t}", "eval": json.loads(ev.read_text()),
                        "train": [json.loads(x) for x in log.read_text().splitlines()]
-                       if log.exists() else []})
+                       if log.exists() else [],
+                       "pairs": json.loads(conv.read_text())["splits"].get("train", {})
+                       if conv.exists() else {}})
     return models
 
 
@@ -64,7 +67,29 @@ def family_table(models: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plots(models: list[dict], out: Path) -> list[Path]:
+def pairs_table(models: list[dict]) -> str:
+    """What each iteration trained on: prompts, pairs, and for SPPO the judge's win rates."""
+    rows = [m for m in models if m.get("pairs")]
+    if not rows:
+        return ""
+    sppo = "mean_chosen_probs_win" in rows[0]["pairs"]
+    loser = "rejected" if sppo else "generated"
+    head = f"| iteration | prompts | pairs | {loser} answer cut by limit |"
+    if sppo:
+        head += (" all-tie prompts left out | mean P̂(chosen ≻ π_t) "
+                 "| mean P̂(rejected ≻ π_t) |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for m in rows:
+        p = m["pairs"]
+        line = f"| {m['name']} | {p['prompts']} | {p['pairs']} | {_pct(p['truncated_share'])} |"
+        if sppo:
+            line += (f" {p['all_tie_prompts_left_out']} | {p['mean_chosen_probs_win']:.3f} "
+                     f"| {p['mean_chosen_probs_lose']:.3f} |")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plots(models: list[dict], out: Path, method: str = "spin") -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -100,12 +125,12 @@ def plots(models: list[dict], out: Path) -> list[Path]:
         for m in trained:
             steps = [offset + r["step"] for r in m["train"]]
             for ax, key in zip(axes, ("loss", "rewards/margins", "rewards/accuracies")):
-                ax.plot(steps, [r[key] for r in m["train"]], label=m["name"])
+                ax.plot(steps, [r[key] for r in m["train"]], "o-", ms=3, label=m["name"])
             offset = steps[-1]
             for ax in axes:
                 ax.axvline(offset, color="grey", lw=0.5)
-        for ax, title in zip(axes, ("loss", "reward margin (real − generated)",
-                                    "reward accuracy")):
+        margin = "chosen − rejected" if method == "sppo" else "real − generated"
+        for ax, title in zip(axes, ("loss", f"reward margin ({margin})", "reward accuracy")):
             ax.set_title(title)
             ax.set_xlabel("update")
             ax.grid(alpha=0.3)
@@ -121,10 +146,10 @@ def write_report(run_dir: str | Path) -> str:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the iteration table."""
     run_dir = Path(run_dir)
     models = _load(run_dir)
-    pngs = plots(models, run_dir / "plots")
     manifest = json.loads((run_dir / "manifest.json").read_text()) \
         if (run_dir / "manifest.json").exists() else {}
     recipe = manifest.get("recipe", {})
+    pngs = plots(models, run_dir / "plots", recipe.get("method", "spin"))
     t = table(models)
     body = [f"# selfplay run: {run_dir.name}", "",
             f"Method **{recipe.get('method', '?')}**, model `{recipe.get('model_name_or_path')}`, "
@@ -139,6 +164,9 @@ def write_report(run_dir: str | Path) -> str:
                  "against the previous one on the held-out prompts: "
                  + ", ".join(f"{m['name']} {_pct(m['eval']['judge_win_rate'])}" for m in judged)
                  + ".", ""]
+    pt = pairs_table(models)
+    if pt:
+        body += ["## Training pairs per iteration", "", pt, ""]
     body += ["## Accuracy per task family", "", family_table(models), ""]
     body += [f"![{p.stem}](plots/{p.name})" for p in pngs]
     stages = manifest.get("stages", {})

@@ -162,8 +162,12 @@ def convert(shards_dir: str | Path, output_dir: str | Path, num_fracs: int = 0,
             "shards": len(files), "missing": missing, "prompts": len(rows), "pairs": len(pairs),
             "duplicate_prompt_ids_dropped": dups, "all_tie_prompts_left_out": ties,
             "truncated_share": n_trunc / len(pairs) if pairs else 0.0,
-            "scored": bool(pairs) and all("ref_logp_real" in p for p in pairs),
+            "scored": bool(pairs) and all("ref_logp_real" in p or "ref_logp_chosen" in p
+                                          for p in pairs),
             "file": str(pairs_file(output_dir, split)) if pairs else None}
+        if pairs and "chosen_probs_win" in pairs[0]:
+            for col in ("chosen_probs_win", "chosen_probs_lose"):
+                report["splits"][split][f"mean_{col}"] = sum(p[col] for p in pairs) / len(pairs)
     if not found_any:
         raise SelfplayError(f"{shards_dir} holds no generation shards (files named "
                             "SPLIT-fracNNNNN-rankNNN-ofNNN.jsonl, as `selfplay generate` writes).")
