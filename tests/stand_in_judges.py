@@ -6,3 +6,8 @@ from selfplay.judges import from_scores
 def by_length(prompt, responses, extra):
     """Prefers longer responses: P(i ≻ j) = σ((len_i − len_j) / 10)."""
     return from_scores([len(r) / 10 for r in responses])
+
+
+def always_tie(prompt, responses, extra):
+    """Cannot tell any two responses apart."""
+    return from_scores([0.0] * len(responses))

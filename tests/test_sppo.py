@@ -330,3 +330,11 @@ def test_sppo_run_with_qlora(tiny_model_dir, tmp_path):
         assert (out / f"iter{t}" / "model" / "reference_logps.json").exists()
     assert json.loads((out / "iter1" / "eval.json").read_text())["judge"] == \
         "stand_in_judges:by_length"
+
+
+def test_sppo_run_with_only_ties_says_so(tiny_model_dir, tmp_path, capsys):
+    args = sppo_args(tiny_model_dir, tmp_path / "ties", "--num_iterations", "1")
+    args[args.index("stand_in_judges:by_length")] = "stand_in_judges:always_tie"
+    assert main(args) == 2
+    assert "iteration 0 has no training pairs: the judge tied all K samples of all 6 " \
+        "prompts" in capsys.readouterr().err

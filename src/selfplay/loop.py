@@ -187,7 +187,7 @@ def run(cfg: Config) -> Path:
             manifest.stage(f"iter{t}/rank", [shards],
                            lambda: rank_shards(gen_dir, shards, judge), order=order)
         manifest.stage(f"iter{t}/convert", [pairs_dir / "train_prefs-00000-of-00001.parquet"],
-                       lambda: convert(shards, pairs_dir), order=order)
+                       lambda: _convert_some(convert, shards, pairs_dir, t), order=order)
         data = str(pairs_dir)
         if c.data_policy == "previous_and_current" and t > cfg.from_iteration:
             data = f"{out / f'iter{t - 1}' / 'pairs'}:1.0,{pairs_dir}:1.0"
@@ -217,6 +217,16 @@ def run(cfg: Config) -> Path:
     if cfg.push_to_hub:
         push(Path(theta), cfg.push_to_hub)
     return out
+
+
+def _convert_some(convert, shards: Path, pairs_dir: Path, t: int) -> None:
+    """convert, failing with the reason when the iteration has nothing to train on."""
+    train = convert(shards, pairs_dir)["splits"].get("train", {})
+    if not train.get("pairs"):
+        raise SelfplayError(
+            f"iteration {t} has no training pairs: the judge tied all K samples of all "
+            f"{train.get('prompts', 0)} prompts; use more prompts (--max_prompts), samples "
+            "(--num_samples) or new tokens (--max_new_tokens).")
 
 
 def push(model_dir: Path, repo_id: str) -> None:
