@@ -192,9 +192,9 @@ class Config:
     # --- the loop (selfplay run) -----------------------------------------------------------
     method: str = opt("spin", "Self-play method: spin (pairs against the dataset's answers) or "
                       "sppo (K samples judged against each other). sppo changes the defaults of "
-                      "num_samples (5), temperature (0.7), top_p (0.9), loss_type (sppo), "
-                      "data_policy (current), max_prompts (64), learning_rate (5e-6) and "
-                      "output_dir (runs/sppo).", {RUN},
+                      + ", ".join(f"{k} ({v})" for k, v in {**METHOD_DEFAULTS["sppo"],
+                                                            **RUN_METHOD_DEFAULTS["sppo"]}.items())
+                      + ".", {RUN},
                       choices=("spin", "sppo"))
     num_iterations: int = opt(2, "Iterations t = 0 .. T-1; iteration t trains θ_{t+1} from θ_t.",
                               {RUN})

@@ -147,7 +147,6 @@ def judge_win_rate(cfg: Config, judge, new_rows: list[dict], old_rows: list[dict
 
 def run(cfg: Config) -> Path:
     """All iterations of cfg; returns the run directory."""
-    from selfplay.data.pairs import convert
     from selfplay.evaluation import evaluate_models
     from selfplay.generation import generate_split
     from selfplay.judges import make_judge, rank_shards
@@ -187,7 +186,7 @@ def run(cfg: Config) -> Path:
             manifest.stage(f"iter{t}/rank", [shards],
                            lambda: rank_shards(gen_dir, shards, judge), order=order)
         manifest.stage(f"iter{t}/convert", [pairs_dir / "train_prefs-00000-of-00001.parquet"],
-                       lambda: _convert_some(convert, shards, pairs_dir, t), order=order)
+                       lambda: _convert_nonempty(shards, pairs_dir, t), order=order)
         data = str(pairs_dir)
         if c.data_policy == "previous_and_current" and t > cfg.from_iteration:
             data = f"{out / f'iter{t - 1}' / 'pairs'}:1.0,{pairs_dir}:1.0"
@@ -219,8 +218,9 @@ def run(cfg: Config) -> Path:
     return out
 
 
-def _convert_some(convert, shards: Path, pairs_dir: Path, t: int) -> None:
+def _convert_nonempty(shards: Path, pairs_dir: Path, t: int) -> None:
     """convert, failing with the reason when the iteration has nothing to train on."""
+    from selfplay.data.pairs import convert
     train = convert(shards, pairs_dir)["splits"].get("train", {})
     if not train.get("pairs"):
         raise SelfplayError(
