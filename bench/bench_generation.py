@@ -22,7 +22,7 @@ import torch
 from transformers import GenerationConfig
 
 from selfplay.data.tasks import split_rows
-from selfplay.generation import SamplingSettings, generate, stop_token_ids
+from selfplay.engines.hf import SamplingSettings, generate, stop_token_ids
 from selfplay.models import load_model
 from selfplay.rendering import prompt_ids
 

@@ -65,23 +65,14 @@ def rss_mb() -> float:
 def prepare_scored(args) -> None:
     """θ's reference log-probs stored with the pairs, as `selfplay generate --score` stores
     them; done in its own process so that no configuration's memory includes it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from selfplay.config import load_config
+    from selfplay.stages.score import score
 
-    from selfplay.models import load_model
-    from selfplay.scoring import score_texts
-
-    m, tok = load_model(args.model)
-    rows = pq.read_table(Path(args.data) / "train_prefs-00000-of-00001.parquet").to_pylist()
-    scored = score_texts(m, tok, [(r["real"][:-1], [r["real"][-1]["content"],
-                                                     r["generated"][-1]["content"]])
-                                  for r in rows], 1024, 512)
-    for r, (lp, _) in zip(rows, scored):
-        r.update(ref_logp_real=lp[0], ref_logp_generated=lp[1], score_model=args.model,
-                 score_max_length=1024, score_max_prompt_length=512)
     out = Path(args.work) / "scored"
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), out / "train_prefs-00000-of-00001.parquet")
+    cfg = load_config("score", None, ["--model", args.model, "--dataset", args.data,
+                                      "--output_dir", str(out), "--max_length", "1024",
+                                      "--max_prompt_length", "512", "--overwrite"])
+    score(cfg.model, cfg.data, cfg.scoring, out, overwrite=True)
 
 
 def run_one(name: str, args) -> dict:
@@ -92,9 +83,9 @@ def run_one(name: str, args) -> dict:
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
-    from selfplay.config import load_config
+    from selfplay.config import load_config, parse_mixture
     from selfplay.models import load_tokenizer, resolve
-    from selfplay.training import load_pairs, train
+    from selfplay.stages.train import load_pairs, train
 
     base_rss = rss_mb()
     on_gpu = torch.cuda.is_available()
@@ -109,14 +100,16 @@ def run_one(name: str, args) -> dict:
                 *[f"--{k}={v}" for k, v in common.items()]]
     cfg = load_config("train", None, cfg_over)
     tok = load_tokenizer(resolve(args.model))
-    pairs, _ = load_pairs(cfg, tok)
+    sources = parse_mixture(cfg.data.dataset)
+    pairs, _ = load_pairs(sources, cfg.data, cfg.scoring, cfg.training.loss_type, None, tok)
     n_tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
 
     if name.startswith("selfplay"):
         t = time.perf_counter()
-        train(cfg)
+        train(cfg.model, cfg.data, sources, cfg.scoring, cfg.training, cfg.lora, work,
+              seed=cfg.job.seed, overwrite=True)
         total = time.perf_counter() - t
         log = [json.loads(x) for x in (work / "train_log.jsonl").read_text().splitlines()]
         loop = log[-1]["elapsed_s"]

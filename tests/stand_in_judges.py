@@ -1,6 +1,6 @@
 """Judges for tests, importable as `stand_in_judges:NAME` (a user's `module:function`)."""
 
-from selfplay.judges import from_scores
+from selfplay.judges.preferences import from_scores
 
 
 def by_length(prompt, responses, extra):

@@ -6,38 +6,40 @@ from selfplay.errors import SelfplayError
 
 def test_defaults_target_the_embedded_model():
     cfg = load_config("generate")
-    assert cfg.model_name_or_path == "default"
-    assert cfg.dataset == "builtin:tasks"
-    assert cfg.temperature == 0.0          # the paper's greedy HF generation
+    assert cfg.model.model_name_or_path == "default"
+    assert cfg.data.dataset == "builtin:tasks"
+    assert cfg.generation.temperature == 0.0          # the paper's greedy HF generation
 
 
 def test_both_override_styles_and_aliases():
     cfg = load_config("generate", None, ["--max_new_tokens", "64", "--temperature=0.7",
                                          "--model", "some/model", "--input_dir=data.jsonl",
                                          "--num-samples", "3", "--top_p", "0.9"])
-    assert (cfg.max_new_tokens, cfg.temperature, cfg.num_samples) == (64, 0.7, 3)
-    assert cfg.model_name_or_path == "some/model" and cfg.dataset == "data.jsonl"
+    g = cfg.generation
+    assert (g.max_new_tokens, g.temperature, g.num_samples) == (64, 0.7, 3)
+    assert cfg.model.model_name_or_path == "some/model" and cfg.data.dataset == "data.jsonl"
 
 
 def test_alias_resolves_per_command():
     # --input_dir is the dataset for generate (as in spin/generate.py), the shards for convert.
-    assert load_config("convert", None, ["--input_dir", "gen"]).shards_dir == "gen"
-    assert load_config("convert").output_dir == "pairs"
-    assert load_config("tasks", None, ["--seed", "3"]).tasks_seed == 3
-    assert load_config("generate", None, ["--seed", "3"]).seed == 3
+    assert load_config("convert", None, ["--input_dir", "gen"]).convert.shards_dir == "gen"
+    assert load_config("convert").job.output_dir == "pairs"
+    assert load_config("tasks", None, ["--seed", "3"]).data.tasks_seed == 3
+    assert load_config("generate", None, ["--seed", "3"]).job.seed == 3
 
 
 def test_bare_flag_is_true_and_explicit_false():
-    assert load_config("generate", None, ["--score"]).score is True
-    assert load_config("generate", None, ["--score", "--overwrite"]).overwrite is True
-    assert load_config("generate", None, ["--score=false"]).score is False
+    assert load_config("generate", None, ["--score"]).generation.score is True
+    assert load_config("generate", None, ["--score", "--overwrite"]).job.overwrite is True
+    assert load_config("generate", None, ["--score=false"]).generation.score is False
 
 
 def test_recipe_then_command_line(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("max_new_tokens: 32\nmodel: x/y\ntemperature: 0.5\n")
     cfg = load_config("generate", recipe, ["--max_new_tokens=16"])
-    assert cfg.max_new_tokens == 16 and cfg.model_name_or_path == "x/y" and cfg.temperature == 0.5
+    assert cfg.generation.max_new_tokens == 16 and cfg.generation.temperature == 0.5
+    assert cfg.model.model_name_or_path == "x/y"
 
 
 def test_unknown_key_names_the_nearest():
@@ -87,10 +89,35 @@ def test_negative_number_is_a_value():
     assert parse_overrides(["--seed", "-1"], "generate") == [("seed", "-1")]
 
 
-def test_every_field_has_help():
-    import dataclasses
-    for f in dataclasses.fields(Config):
-        assert len(f.metadata["help"]) > 10, f.name
+def test_every_field_has_help_and_a_command():
+    from selfplay.config import FIELDS
+    for name, f in FIELDS.items():
+        assert len(f.metadata["help"]) > 10 and f.metadata["commands"], name
+
+
+def test_keys_are_flat_and_grouped():
+    cfg = load_config("run", None, ["--learning_rate", "1e-5", "--max_new_tokens", "9"])
+    flat = cfg.flat()
+    assert flat["learning_rate"] == 1e-5 and flat["max_new_tokens"] == 9
+    assert Config.from_flat(flat) == cfg
+    assert cfg.replace(beta=5.0).training.beta == 5.0 and cfg.training.beta == 0.1
+
+
+def test_help_lists_only_the_commands_options_under_headings():
+    from selfplay.config import format_help
+    text = format_help("convert")
+    assert "convert:" in text and "output:" in text and "training:" not in text
+    assert "--num_fracs" in text and "--learning_rate" not in text
+    train = format_help("train")
+    assert "LoRA / QLoRA:" in train and "--temperature" not in train
+
+
+def test_help_piped_to_a_closed_reader_exits_cleanly():
+    import subprocess
+    import sys
+    out = subprocess.run(f"{sys.executable} -m selfplay generate --help | head -2", shell=True,
+                         capture_output=True, text=True)
+    assert out.stdout.startswith("usage: selfplay generate") and "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in
@@ -100,22 +127,23 @@ def test_shipped_recipes_load(recipe):
     from pathlib import Path
     path = Path(__file__).parents[1] / "recipes" / recipe
     cfg = load_config("run" if recipe.endswith("-run.yaml") else "train", path)
-    assert cfg.model_name_or_path
+    assert cfg.model.model_name_or_path
 
 
 def test_method_sppo_defaults_and_what_overrides_them(tmp_path):
     spin = load_config("run")
-    assert (spin.num_samples, spin.loss_type, spin.max_prompts) == (1, "sigmoid", 128)
+    assert (spin.generation.num_samples, spin.training.loss_type, spin.data.max_prompts) == (1, "sigmoid", 128)
     cfg = load_config("run", None, ["--method", "sppo"])
-    assert (cfg.num_samples, cfg.temperature, cfg.top_p, cfg.loss_type, cfg.data_policy) == \
+    g = cfg.generation
+    assert (g.num_samples, g.temperature, g.top_p, cfg.training.loss_type, cfg.run.data_policy) == \
         (5, 0.7, 0.9, "sppo", "current")
-    assert (cfg.max_prompts, cfg.learning_rate, cfg.output_dir) == (64, 5e-6, "runs/sppo")
+    assert (cfg.data.max_prompts, cfg.training.learning_rate, cfg.job.output_dir) == (64, 5e-6, "runs/sppo")
     mine = load_config("run", None, ["--method", "sppo", "--num_samples", "3",
                                      "--max_prompts", "10", "--loss_type", "sppo_hard"])
-    assert (mine.num_samples, mine.max_prompts, mine.loss_type) == (3, 10, "sppo_hard")
+    assert (mine.generation.num_samples, mine.data.max_prompts, mine.training.loss_type) == (3, 10, "sppo_hard")
     # A run recipe given to `selfplay train` keeps the method's loss, not the run's sizing.
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: sppo\n")
     train = load_config("train", recipe)
-    assert train.loss_type == "sppo" and train.max_prompts == 0
-    assert train.output_dir == "checkpoints/spin"
+    assert train.training.loss_type == "sppo" and train.data.max_prompts == 0
+    assert train.job.output_dir == "checkpoints/spin"

@@ -5,10 +5,16 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from selfplay.config import ConvertSettings
 from selfplay.data.formats import read_examples
-from selfplay.data.pairs import convert
+from selfplay.data.shards import shard_name, write_jsonl_atomic
 from selfplay.errors import SelfplayError
-from selfplay.generation import shard_name, write_jsonl_atomic
+from selfplay.stages.convert import convert as _convert
+
+
+def convert(shards, out, num_fracs=0, allow_missing=False):
+    """The convert stage with its settings spelled out, its report as JSON."""
+    return _convert(ConvertSettings(str(shards), num_fracs, allow_missing), out).to_json()
 
 
 def shard_row(i, scored=False, cut=False):

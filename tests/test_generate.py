@@ -13,7 +13,8 @@ import torch
 
 from conftest import write_jsonl
 from selfplay.cli import main
-from selfplay.generation import SamplingSettings, fraction, generate, process_slice, read_jsonl
+from selfplay.data.shards import fraction, process_slice, read_jsonl
+from selfplay.engines.hf import SamplingSettings, generate
 from selfplay.logprobs import response_logps
 from selfplay.rendering import collate, encode
 

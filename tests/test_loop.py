@@ -109,7 +109,7 @@ def test_from_iteration_starts_there(tiny_model_dir, finished_run, tmp_path):
 
 
 def test_push_only_when_asked(tiny_model_dir, finished_run, monkeypatch):
-    import huggingface_hub
+    import selfplay.stages.run as loop
     calls = []
 
     class FakeApi:
@@ -119,7 +119,7 @@ def test_push_only_when_asked(tiny_model_dir, finished_run, monkeypatch):
         def upload_folder(self, folder_path, repo_id, **kw):
             calls.append(("upload", repo_id, Path(folder_path).name))
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(loop, "HfApi", FakeApi)
     assert main(run_args(tiny_model_dir, finished_run)) == 0
     assert calls == []
     assert main(run_args(tiny_model_dir, finished_run, "--push_to_hub", "me/smol-spin")) == 0

@@ -36,7 +36,7 @@ def test_local_checkpoint_dir(tiny_model_dir):
 
 @pytest.mark.real_model
 def test_default_model_loads_from_cache_renders_and_generates():
-    from selfplay.generation import SamplingSettings, generate
+    from selfplay.engines.hf import SamplingSettings, generate
     from selfplay.rendering import prompt_text
 
     models.ensure_default_model()

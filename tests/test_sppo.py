@@ -7,38 +7,37 @@ import types
 import pytest
 import torch
 
-from conftest import make_tiny_model, trl_oracle
+from conftest import make_tiny_model
 from selfplay import judges
+from selfplay.config import RankSettings
+from selfplay.judges import preferences as prefs
 from selfplay.errors import SelfplayError
-from selfplay.losses import sppo_hard, sppo_single, sppo_soft
-from selfplay.logprobs import response_logps
 
-T = torch.tensor
 
 
 def test_win_rates_include_the_self_term():
     """Outcomes right, wrong, right: rows [½, 1, ½], [0, ½, 0], [½, 1, ½].
     Win rates (K = 3, self term ½ included): 2/3, 1/6, 2/3."""
-    p = judges.from_outcomes([True, False, True])
+    p = prefs.from_outcomes([True, False, True])
     assert p == [[0.5, 1.0, 0.5], [0.0, 0.5, 0.0], [0.5, 1.0, 0.5]]
-    assert judges.win_rates(p) == pytest.approx([2 / 3, 1 / 6, 2 / 3])
-    pair = judges.sppo_pair(p)
-    assert (pair["chosen_index"], pair["rejected_index"]) == (0, 1)     # first of the tied best
-    assert pair["chosen_probs"] == 1.0
-    assert pair["chosen_probs_win"] == pytest.approx(2 / 3)
-    assert pair["chosen_probs_lose"] == pytest.approx(1 / 6)
+    assert prefs.win_rates(p) == pytest.approx([2 / 3, 1 / 6, 2 / 3])
+    pair = prefs.sppo_pair(p)
+    assert (pair.chosen_index, pair.rejected_index) == (0, 1)     # first of the tied best
+    assert pair.chosen_probs == 1.0
+    assert pair.chosen_probs_win == pytest.approx(2 / 3)
+    assert pair.chosen_probs_lose == pytest.approx(1 / 6)
 
 
 def test_all_ties_give_no_pair():
-    assert judges.sppo_pair(judges.from_outcomes([False] * 5)) is None
-    assert judges.sppo_pair(judges.from_scores([1.3] * 4)) is None
+    assert prefs.sppo_pair(prefs.from_outcomes([False] * 5)) is None
+    assert prefs.sppo_pair(prefs.from_scores([1.3] * 4)) is None
 
 
 def test_bradley_terry_matrix_by_hand():
     """scores 0 and ln 3: P[0][1] = σ(−ln 3) = 1/4, P[1][0] = 3/4."""
-    p = judges.from_scores([0.0, math.log(3)])
+    p = prefs.from_scores([0.0, math.log(3)])
     assert p[0][1] == pytest.approx(0.25) and p[1][0] == pytest.approx(0.75)
-    assert judges.win_rates(p) == pytest.approx([0.375, 0.625])
+    assert prefs.win_rates(p) == pytest.approx([0.375, 0.625])
 
 
 def _compare_by_length(prompt, a, b):
@@ -51,7 +50,7 @@ def test_paper_estimator_by_hand():
     s_i = mean over K = 3 columns of C[i][j] − C[j][i] = (2/3)·Σ_j (L_i − L_j)/10 (bias cancels):
     s = (−2, 0, 2); P[i][j] = σ(s_i − s_j)."""
     rs = ["a" * 10, "b" * 20, "c" * 30]
-    p = judges.paper_estimator(_compare_by_length, [], rs)
+    p = prefs.paper_estimator(_compare_by_length, [], rs)
     s = [-2.0, 0.0, 2.0]
     for i in range(3):
         for j in range(3):
@@ -61,32 +60,32 @@ def test_paper_estimator_by_hand():
 def test_pairwise_estimator_by_hand():
     """P[i][j] = ½(σ(C[i][j]) + σ(−C[j][i])); for lengths 10, 20: C[0][1] = −0.8, C[1][0] = 1.2,
     P[0][1] = ½(σ(−0.8) + σ(−1.2)), and P[1][0] = 1 − P[0][1]."""
-    p = judges.pairwise_estimator(_compare_by_length, [], ["a" * 10, "b" * 20])
+    p = prefs.pairwise_estimator(_compare_by_length, [], ["a" * 10, "b" * 20])
     sig = lambda x: 1 / (1 + math.exp(-x))
     assert p[0][1] == pytest.approx(0.5 * (sig(-0.8) + sig(-1.2)))
     assert p[0][1] + p[1][0] == pytest.approx(1.0) and p[0][0] == 0.5
 
 
 def test_rule_judge_on_task_rows():
-    j = judges.make_judge("rule")
+    j = judges.make_judge(RankSettings("rule"))
     p = j.matrix([], ["Answer: 4", "Answer: 5", "It is 4"], {"family": "arithmetic",
                                                               "answer": "4"})
-    assert p == judges.from_outcomes([True, False, True])
+    assert p == prefs.from_outcomes([True, False, True])
     with pytest.raises(SelfplayError, match="rule judge needs rows with `family`"):
         j.matrix([], ["x", "y"], {})
 
 
 def test_callable_judge_and_matrix_checks(monkeypatch):
     mod = types.ModuleType("my_judges")
-    mod.longer = lambda prompt, rs, extra: judges.from_scores([len(r) for r in rs])
+    mod.longer = lambda prompt, rs, extra: prefs.from_scores([len(r) for r in rs])
     mod.broken = lambda prompt, rs, extra: [[0.5, 0.9], [0.9, 0.5]]
     monkeypatch.setitem(sys.modules, "my_judges", mod)
-    p = judges.make_judge("my_judges:longer").matrix([], ["a", "bbb"], {})
+    p = judges.make_judge(RankSettings("my_judges:longer")).matrix([], ["a", "bbb"], {})
     assert p[1][0] > 0.5
     with pytest.raises(SelfplayError, match="not probabilities that sum to 1"):
-        judges.make_judge("my_judges:broken").matrix([], ["a", "b"], {})
+        judges.make_judge(RankSettings("my_judges:broken")).matrix([], ["a", "b"], {})
     with pytest.raises(SelfplayError, match="no function 'nope'"):
-        judges.make_judge("my_judges:nope")
+        judges.make_judge(RankSettings("my_judges:nope"))
 
 
 def test_pairrm_without_llm_blender_says_so():
@@ -94,7 +93,7 @@ def test_pairrm_without_llm_blender_says_so():
     if importlib.util.find_spec("llm_blender") is not None:
         pytest.skip("llm-blender is installed")
     with pytest.raises(SelfplayError, match="optional package llm-blender"):
-        judges.make_judge("pairrm")
+        judges.make_judge(RankSettings("pairrm"))
 
 
 def test_reward_model_judge(tiny_model_dir, tmp_path):
@@ -105,57 +104,13 @@ def test_reward_model_judge(tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
-    j = judges.make_judge("reward-model", reward_model=str(tmp_path / "rm"))
+    j = judges.make_judge(RankSettings("reward-model", reward_model=str(tmp_path / "rm")))
     prompt = [{"role": "user", "content": "Hi?"}]
     rs = ["Hello!", "Go away.", "Hello there, how can I help?"]
     r = j.rewards(prompt, rs)
     p = j.matrix(prompt, rs, {})
     assert p[0][1] == pytest.approx(1 / (1 + math.exp(-(r[0] - r[1]))))
-    judges.check_matrix(p, 3, "rm")                       # a valid preference matrix
-
-
-# ---------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------
-
-def test_sppo_soft_by_hand():
-    """ℓ_w = 2, ℓ_l = −1, β = 0.5 (η = 2), P_win = 0.75, P_lose = 0.25:
-    ½[(2 − 2·0.25)² + (−1 − 2·(−0.25))²] = ½[2.25 + 0.25] = 1.25."""
-    pw, pl, rw, rl = T([-8.0]), T([-11.0]), T([-10.0]), T([-10.0])
-    assert sppo_soft(pw, pl, rw, rl, 0.5, T([0.75]), T([0.25])).item() == pytest.approx(1.25)
-
-
-def test_sppo_single_by_hand():
-    """ℓ_w = 2, ℓ_l = −1, η = 2, P(w ≻ l) = 0.9: ½[(2 − 0.8)² + (−1 + 0.8)²] = ½[1.44 + 0.04]."""
-    pw, pl, rw, rl = T([-8.0]), T([-11.0]), T([-10.0]), T([-10.0])
-    assert sppo_single(pw, pl, rw, rl, 0.5, T([0.9])).item() == pytest.approx(0.74)
-
-
-def test_sppo_hard_by_hand():
-    """ℓ_w = 2, ℓ_l = −1, β = 0.5: (2 − 1)² + (−1 + 1)² = 1."""
-    pw, pl, rw, rl = T([-8.0]), T([-11.0]), T([-10.0]), T([-10.0])
-    assert sppo_hard(pw, pl, rw, rl, 0.5).item() == pytest.approx(1.0)
-
-
-def test_sppo_hard_equals_trl(tokenizer, tmp_path):
-    rows = [{"prompt": [{"role": "user", "content": f"Name a number above {i}."}],
-             "chosen": [{"role": "assistant", "content": f"{i + 1}"}],
-             "rejected": [{"role": "assistant", "content": f"{i - 1}, I think"}]}
-            for i in range(3)]
-    policy, ref, batch, trl_loss, trl_grads = trl_oracle(tokenizer, tmp_path, rows, "sppo_hard",
-                                                         0.5)
-    mask = batch["completion_mask"].bool()
-    pw, pl = response_logps(policy, batch["input_ids"], batch["attention_mask"], mask)[0].chunk(2)
-    with torch.no_grad():
-        rw, rl = response_logps(ref, batch["input_ids"], batch["attention_mask"], mask)[0].chunk(2)
-    ours = sppo_hard(pw, pl, rw, rl, 0.5).mean()
-    ours.backward()
-    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5)
-    # The quadratic loss's gradients are ~10x the logistic loss's, and so are float32
-    # summation-order differences between TRL's fused head and our chunks (seen: 2e-5 on 3 of
-    # 3.1M elements).
-    for g, h in zip((p.grad for p in policy.parameters()), trl_grads):
-        torch.testing.assert_close(g, h, atol=5e-5, rtol=1e-3)
+    prefs.check_matrix(p, 3, "rm")                       # a valid preference matrix
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,8 +195,9 @@ def test_sppo_resume_after_rank(tiny_model_dir, sppo_run, tmp_path):
 
 
 def test_rank_command_and_ties(tiny_model_dir, tmp_path):
-    from selfplay.data.pairs import convert
-    from selfplay.generation import shard_name, write_jsonl_atomic
+    from selfplay.config import ConvertSettings
+    from selfplay.data.shards import shard_name, write_jsonl_atomic
+    from selfplay.stages.convert import convert
     gen = tmp_path / "gen"
     gen.mkdir()
     rows = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"{i} + 1?"}],
@@ -252,8 +208,8 @@ def test_rank_command_and_ties(tiny_model_dir, tmp_path):
     rows.append({**rows[0], "prompt_id": "tie", "responses": ["Answer: 0"] * 3})
     write_jsonl_atomic(gen / shard_name("train", 0, 0, 1), rows)
     assert main(["rank", "--input_dir", str(gen), "--output_dir", str(tmp_path / "ranked")]) == 0
-    rep = convert(tmp_path / "ranked", tmp_path / "pairs")["splits"]["train"]
-    assert rep["pairs"] == 3 and rep["all_tie_prompts_left_out"] == 1
+    rep = convert(ConvertSettings(str(tmp_path / "ranked")), tmp_path / "pairs").splits["train"]
+    assert rep.pairs == 3 and rep.all_tie_prompts_left_out == 1
     import pyarrow.parquet as pq
     p = pq.read_table(tmp_path / "pairs" / "train_prefs-00000-of-00001.parquet").to_pylist()[0]
     assert p["chosen"][-1]["content"] == "Answer: 2" and p["rejected"][-1]["content"] == \

@@ -13,59 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import trl_oracle, write_parquet
+from conftest import write_parquet
 from selfplay.cli import main
-from selfplay.losses import spin_hinge, spin_logistic
-from selfplay.logprobs import response_logps
 
-T = torch.tensor
-
-
-# ---------------------------------------------------------------------------------------
-# Losses against hand-computed values
-# ---------------------------------------------------------------------------------------
-
-def test_spin_logistic_by_hand():
-    """policy (−10, −20), reference (−12, −18): ℓ_w = 2, ℓ_l = −2, margin 4.
-    β = 0.1: −log σ(0.4) = log(1 + e^−0.4) = 0.513015...; β = 1: log(1 + e^−4) = 0.018150..."""
-    pw, pl, rw, rl = T([-10.0]), T([-20.0]), T([-12.0]), T([-18.0])
-    assert spin_logistic(pw, pl, rw, rl, 0.1).item() == pytest.approx(math.log1p(math.exp(-0.4)))
-    assert spin_logistic(pw, pl, rw, rl, 0.1).item() == pytest.approx(0.5130153, abs=1e-6)
-    assert spin_logistic(pw, pl, rw, rl, 1.0).item() == pytest.approx(0.0181499, abs=1e-6)
-    # policy = reference: log 2, whatever β
-    assert spin_logistic(rw, rl, rw, rl, 5.0).item() == pytest.approx(math.log(2))
-
-
-def test_spin_hinge_by_hand():
-    """margin 4: β = 0.1 gives 1 − 0.4 = 0.6; β = 0.5 gives max(0, 1 − 2) = 0."""
-    pw, pl, rw, rl = T([-10.0, -10.0]), T([-20.0, -20.0]), T([-12.0, -12.0]), T([-18.0, -18.0])
-    assert spin_hinge(pw, pl, rw, rl, 0.1).tolist() == pytest.approx([0.6, 0.6])
-    assert spin_hinge(pw, pl, rw, rl, 0.5).tolist() == pytest.approx([0.0, 0.0])
-
-
-# ---------------------------------------------------------------------------------------
-# Verified against TRL
-# ---------------------------------------------------------------------------------------
-
-def test_loss_and_gradients_equal_trl_dpo_sigmoid(tokenizer, tmp_path):
-    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}],
-             "chosen": [{"role": "assistant", "content": f"{i} + {i} = {2 * i}.\nAnswer: {2 * i}"}],
-             "rejected": [{"role": "assistant", "content": "I do not know. " * (i + 1)}]}
-            for i in range(4)]
-    policy, ref, batch, trl_loss, trl_grads = trl_oracle(tokenizer, tmp_path, rows, "sigmoid",
-                                                         0.1)
-    # The same token tensors through our log-prob function and loss.
-    ids, attn = batch["input_ids"], batch["attention_mask"]
-    mask = batch["completion_mask"].bool()
-    pw, pl = response_logps(policy, ids, attn, mask, chunk_size=16)[0].chunk(2)
-    with torch.no_grad():
-        rw, rl = response_logps(ref, ids, attn, mask)[0].chunk(2)
-    assert (pw - rw - (pl - rl)).abs().min() > 1e-3          # a non-trivial comparison
-    ours = spin_logistic(pw, pl, rw, rl, 0.1).mean()
-    ours.backward()
-    assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-5)
-    for g_ours, g_trl in zip((p.grad for p in policy.parameters()), trl_grads):
-        torch.testing.assert_close(g_ours, g_trl, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,7 +78,7 @@ def test_training_raises_margins_and_saves_a_loadable_checkpoint(tiny_model_dir,
 
 def test_stored_reference_equals_computed(tiny_model_dir, tmp_path):
     """Pairs scored at generation time and pairs without scores train identically."""
-    from selfplay.generation import shard_name, write_jsonl_atomic
+    from selfplay.data.shards import shard_name, write_jsonl_atomic
     gen = tmp_path / "gen"
     gen.mkdir()
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["real"][:1],
@@ -152,7 +102,7 @@ def test_stored_reference_equals_computed(tiny_model_dir, tmp_path):
 
 
 def test_one_forward_pass_per_step(tiny_model_dir, pairs_dir, tmp_path, monkeypatch):
-    import selfplay.training as tr
+    import selfplay.stages.train as tr
     calls = []
     orig = tr.ResponseLogProbs.forward
 
@@ -259,7 +209,7 @@ def test_mixture_takes_the_first_share_of_each(tiny_model_dir, pairs_dir, tmp_pa
 
 def test_epoch_batches_are_seeded_grouped_and_split_evenly():
     import random
-    from selfplay.training import epoch_batches
+    from selfplay.stages.train import epoch_batches
     rnd = random.Random(0)
     lengths = [rnd.randint(20, 300) for _ in range(103)]
     a = epoch_batches(lengths, 4, 1, seed=1, epoch=0)

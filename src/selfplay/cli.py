@@ -64,114 +64,74 @@ def cmd_info(cfg: Config, args: list[str]) -> int:
 
 
 def cmd_generate(cfg: Config, args: list[str]) -> int:
-    from selfplay.generation import generate_split
+    from selfplay.stages.generate import generate
 
-    generate_split(cfg)
+    generate(cfg.model, cfg.data, cfg.generation, cfg.scoring, Path(cfg.job.output_dir),
+             seed=cfg.job.seed, overwrite=cfg.job.overwrite)
     return 0
 
 
 def cmd_score(cfg: Config, args: list[str]) -> int:
-    from selfplay.data.formats import read_for
-    from selfplay.data.pairs import (SHARD_RE, pairs_file, shard_rows_to_pairs,
-                                     write_parquet_atomic)
-    from selfplay.generation import read_jsonl, write_jsonl_atomic
-    from selfplay.models import load_model
-    from selfplay.scoring import score_settings, score_shard_rows, score_texts
+    from selfplay.stages.score import score
 
-    src, out_dir = Path(cfg.dataset), Path(cfg.output_dir)
-    shards = sorted(p for p in src.glob("*.jsonl") if SHARD_RE.match(p.name)) \
-        if src.is_dir() else []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = tok = None
-    if shards:                                   # our own generation shards: add columns
-        for p in shards:
-            dest = out_dir / p.name
-            if dest.exists() and not cfg.overwrite:
-                print(f"{dest} is scored already; skipping it.", file=sys.stderr)
-                continue
-            if model is None:
-                model, tok = load_model(cfg.model_name_or_path, cfg.device, cfg.dtype)
-            rows = read_jsonl(p)
-            score_shard_rows(model, tok, rows, cfg.model_name_or_path, cfg.max_length,
-                             cfg.max_prompt_length, cfg.effective_batch_size(), cfg.logprob_chunk_size)
-            write_jsonl_atomic(dest, rows)
-            print(f"wrote {dest}: {len(rows)} prompts scored", file=sys.stderr)
-        return 0
-    # A pair dataset (SPIN real/generated, or preference chosen/rejected).
-    res = read_for(cfg)
-    dest = pairs_file(out_dir, cfg.split)
-    if dest.exists() and not cfg.overwrite:
-        print(f"{dest} exists; skipping (--overwrite to redo).", file=sys.stderr)
-        return 0
-    rows = []
-    for e in res.examples:
-        other = e.extra.get("generated", e.extra.get("rejected"))
-        if other is None:
-            raise SelfplayError(f"{cfg.dataset}: `selfplay score` needs pairs (real/generated or "
-                                "chosen/rejected) or generation shards; this data has neither.")
-        gen_text = other[-1]["content"] if isinstance(other, list) else str(other)
-        rows.append({"prompt_id": e.prompt_id, "prompt": e.prompt, "reference": e.reference,
-                     "responses": [gen_text], "response_tokens": [None],
-                     "finish_reasons": [None],
-                     "extra": {k: v for k, v in e.extra.items()
-                               if k not in ("generated", "rejected")}})
-    model, tok = load_model(cfg.model_name_or_path, cfg.device, cfg.dtype)
-    score_shard_rows(model, tok, rows, cfg.model_name_or_path, cfg.max_length,
-                     cfg.max_prompt_length, cfg.effective_batch_size(), cfg.logprob_chunk_size)
-    write_parquet_atomic(dest, shard_rows_to_pairs(rows))
-    print(f"wrote {dest}: {len(rows)} pairs scored", file=sys.stderr)
+    score(cfg.model, cfg.data, cfg.scoring, Path(cfg.job.output_dir), cfg.job.overwrite)
     return 0
 
 
 def cmd_convert(cfg: Config, args: list[str]) -> int:
-    from selfplay.data.pairs import convert
+    from selfplay.stages.convert import convert
 
-    report = convert(cfg.shards_dir, cfg.output_dir, cfg.num_fracs, cfg.allow_missing_shards)
-    for split, r in report["splits"].items():
-        line = (f"{split}: {r['prompts']} prompts -> {r['pairs']} pairs from {r['shards']} shards"
-                f", {r['truncated_share']:.1%} generations cut by the token limit")
-        if r["duplicate_prompt_ids_dropped"]:
-            line += f", {r['duplicate_prompt_ids_dropped']} duplicate prompt_ids dropped"
-        if r["missing"]:
-            line += f", MISSING: {'; '.join(r['missing'])}"
-        print(line + (f" -> {r['file']}" if r["file"] else ""))
+    report = convert(cfg.convert, Path(cfg.job.output_dir))
+    for split, r in report.splits.items():
+        line = (f"{split}: {r.prompts} prompts -> {r.pairs} pairs from {r.shards} shards"
+                f", {r.truncated_share:.1%} generations cut by the token limit")
+        if r.duplicate_prompt_ids_dropped:
+            line += f", {r.duplicate_prompt_ids_dropped} duplicate prompt_ids dropped"
+        if r.missing:
+            line += f", MISSING: {'; '.join(r.missing)}"
+        print(line + (f" -> {r.file}" if r.file else ""))
     return 0
 
 
 def cmd_evaluate(cfg: Config, args: list[str]) -> int:
-    from selfplay.evaluation import evaluate_models, format_table
+    from selfplay.data.shards import write_json_atomic
+    from selfplay.stages.evaluate import evaluate_models, format_table
 
-    result = evaluate_models(cfg, cfg.model_name_or_path, cfg.baseline or None)
-    from selfplay.generation import write_json_atomic
-
-    out = Path(cfg.output_dir)
+    base = cfg.evaluation.baseline
+    result = evaluate_models(cfg.model, cfg.data, cfg.generation.max_new_tokens, cfg.scoring,
+                             baseline=base or None)
+    out = Path(cfg.job.output_dir)
     write_json_atomic(out / "eval.json", result)
     print(format_table(result, result.get("baseline"),
-                       name=Path(cfg.model_name_or_path).name[:10] or "model",
-                       baseline_name=Path(cfg.baseline).name[:10] if cfg.baseline else ""))
+                       name=Path(cfg.model.model_name_or_path).name[:10] or "model",
+                       baseline_name=Path(base).name[:10] if base else ""))
     print(f"\nwrote {out / 'eval.json'}")
     return 0
 
 
 def cmd_rank(cfg: Config, args: list[str]) -> int:
-    from selfplay.judges import make_judge, rank_shards
+    from selfplay.judges import make_judge
+    from selfplay.stages.rank import rank
 
-    judge = make_judge(cfg.judge, cfg.reward_model, cfg.pairrm_estimator)
-    for p in rank_shards(cfg.shards_dir, cfg.output_dir, judge, cfg.overwrite):
+    for p in rank(Path(cfg.convert.shards_dir), Path(cfg.job.output_dir), make_judge(cfg.rank),
+                  cfg.job.overwrite):
         print(f"ranked: {p}")
     return 0
 
 
 def cmd_train(cfg: Config, args: list[str]) -> int:
-    from selfplay.training import train
+    from selfplay.config import parse_mixture
+    from selfplay.stages.train import train
 
-    out = train(cfg)
+    out = train(cfg.model, cfg.data, parse_mixture(cfg.data.dataset), cfg.scoring, cfg.training,
+                cfg.lora, Path(cfg.job.output_dir), seed=cfg.job.seed,
+                overwrite=cfg.job.overwrite)
     print(f"model: {out}")
     return 0
 
 
 def cmd_run(cfg: Config, args: list[str]) -> int:
-    from selfplay.loop import run
+    from selfplay.stages.run import run
 
     out = run(cfg)
     print(f"\nreport: {out / 'report.md'}")
@@ -179,7 +139,7 @@ def cmd_run(cfg: Config, args: list[str]) -> int:
 
 
 def cmd_report(cfg: Config, args: list[str]) -> int:
-    from selfplay.report import write_report
+    from selfplay.stages.report import write_report
 
     print(write_report(args[0]))
     print(f"\nwrote {Path(args[0]) / 'report.md'} and {Path(args[0]) / 'plots'}/")
@@ -187,23 +147,19 @@ def cmd_report(cfg: Config, args: list[str]) -> int:
 
 
 def cmd_tasks(cfg: Config, args: list[str]) -> int:
+    from selfplay.data.shards import write_jsonl_atomic, write_parquet_atomic
     from selfplay.data.tasks import FAMILIES, split_rows
-    from selfplay.generation import write_jsonl_atomic
 
     action, out = args
     if action != "export":
         raise SelfplayError(f"unknown tasks action {action!r}; use `selfplay tasks export OUT`.")
+    d = cfg.data
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
-        rows = split_rows(split, cfg.tasks_seed, cfg.tasks_train_size, cfg.tasks_test_size)
-        if cfg.export_format == "parquet":
-            from selfplay.data.pairs import write_parquet_atomic
-            path = out_dir / f"{split}.parquet"
-            write_parquet_atomic(path, rows)
-        else:
-            path = out_dir / f"{split}.jsonl"
-            write_jsonl_atomic(path, rows)
+        rows = split_rows(split, d.tasks_seed, d.tasks_train_size, d.tasks_test_size)
+        path = out_dir / f"{split}.{d.export_format}"
+        (write_parquet_atomic if d.export_format == "parquet" else write_jsonl_atomic)(path, rows)
         print(f"wrote {path}: {len(rows)} examples in {len(FAMILIES)} families")
     return 0
 
@@ -258,13 +214,22 @@ def _command_help(name: str) -> str:
     c = COMMANDS[name]
     opts = format_help(name)
     return f"usage: {c.usage}\n\n{textwrap.fill(c.summary, 90)}\n" + \
-        (f"\noptions:\n{opts}\n" if opts else "")
+        (f"\n{opts}\n" if opts else "")
+
+
+def _print(text: str) -> None:
+    """Print help; a reader that stops early (`| head`) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python would complain again while flushing stdout at exit: point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_main_help())
+        _print(_main_help())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
@@ -274,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
               "; `selfplay --help` lists the commands."), file=sys.stderr)
         return 2
     if "-h" in rest or "--help" in rest:
-        print(_command_help(name))
+        _print(_command_help(name))
         return 0
     cmd = COMMANDS[name]
     try:

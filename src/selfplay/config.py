@@ -1,15 +1,19 @@
-"""One config schema for every command: a YAML recipe plus `--key value` overrides.
+"""One config schema for every command, grouped: a YAML recipe plus `--key value` overrides.
 
-Each field carries its help text, the commands it applies to, accepted choices and the
-aliases the official SPIN scripts used (`--model`, `--input_dir`). Loading is fail-fast:
-an unknown key names the nearest valid one, a bad value names the option and what it accepts,
-and a key that does not apply to the command is refused before any work starts.
+The keys stay flat (`--learning_rate`, `max_new_tokens: 64` in a recipe) and each belongs to
+one group (model, data, generation, scoring, rank, convert, training, lora, evaluation, run,
+job); `Config` holds one typed settings object per group, and each stage's entry point takes
+the groups it reads. Every field carries its help text, the commands that read it, accepted
+choices and the aliases the official SPIN scripts used (`--model`, `--input_dir`). Loading is
+fail-fast: an unknown key names the nearest valid one, a bad value names the option and what
+it accepts, and a key that does not apply to the command is refused before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,21 +24,11 @@ import yaml
 
 from selfplay.errors import SelfplayError
 
-# Groups of options; each command declares the groups it reads.
-MODEL, DATA, GEN, SCORE, CONVERT, EVAL, TASKS, TRAIN, RUN, RANK = (
-    "model", "data", "gen", "score", "convert", "eval", "tasks", "train", "run", "rank")
+# Commands that read a field; `run` reads what its stages read.
+INFER = frozenset({"generate", "score", "evaluate", "train", "run"})
+DATA_CMDS = INFER
+TRAIN_CMDS = frozenset({"train", "run"})
 
-COMMAND_GROUPS: dict[str, set[str]] = {
-    "generate": {MODEL, DATA, GEN, SCORE, TASKS},
-    "score": {MODEL, DATA, SCORE, TASKS},
-    "convert": {CONVERT},
-    "evaluate": {MODEL, DATA, EVAL, TASKS},
-    "tasks": {TASKS},
-    "report": set(),
-    "rank": {RANK},
-    "train": {MODEL, DATA, SCORE, TRAIN, TASKS},
-    "run": {MODEL, DATA, GEN, SCORE, TRAIN, EVAL, TASKS, RUN, RANK},
-}
 # What --method sppo changes, for keys the recipe and command line leave unset: the paper's
 # sampling (K = 5, temperature 0.7, top_p 0.9), loss, and data (each iteration its own);
 # under `selfplay run`, also the sizing of the embedded default SPPO run: K samples cost K
@@ -48,178 +42,31 @@ RESUMABLE_KEYS = {"force", "from_iteration", "resume", "overwrite", "device", "b
                   "logprob_chunk_size", "push_to_hub", "logging_steps", "save_steps"}
 
 
-def opt(default: Any, help: str, groups: set[str] | str, *, choices: tuple | None = None,
+def opt(default: Any, help: str, commands, *, choices: tuple | None = None,
         aliases: tuple[str, ...] = (), default_factory=None,
         command_defaults: dict[str, Any] | None = None) -> Any:
-    meta = {"help": help, "groups": {groups} if isinstance(groups, str) else set(groups),
-            "choices": choices, "aliases": aliases, "command_defaults": command_defaults or {}}
+    meta = {"help": help, "commands": frozenset(commands), "choices": choices,
+            "aliases": aliases, "command_defaults": command_defaults or {}}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
 @dataclass
-class Config:
-    # --- model -------------------------------------------------------------------------
+class ModelSettings:
+    """Which model, and how it runs for inference."""
     model_name_or_path: str = opt(
         "default", "Model to load: 'default' (the embedded SmolLM2-135M-Instruct), a hub id, "
-        "a local checkpoint directory or a .gguf file.", {MODEL}, aliases=("model",))
-    device: str = opt("auto", "Device: auto (GPU when present), cpu or cuda.", {MODEL},
+        "a local checkpoint directory or a .gguf file.", INFER, aliases=("model",))
+    device: str = opt("auto", "Device: auto (GPU when present), cpu or cuda.", INFER,
                       choices=("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, "
-                     "bfloat16 or float16.", {MODEL},
+                     "bfloat16 or float16.", INFER,
                      choices=("auto", "float32", "bfloat16", "float16"))
-    # --- data --------------------------------------------------------------------------
-    dataset: str = opt(
-        "builtin:tasks", "Prompts and reference answers: 'builtin:tasks' (the bundled task suite), "
-        "a hub dataset id, a .jsonl/.json/.parquet file or a directory of them. For train: pairs, "
-        "several as `a:1.0,b:0.5` (dataset:share used).", {DATA}, aliases=("input_dir",),
-        command_defaults={"train": "pairs"})
-    split: str = opt("train", "Dataset split to read.", {DATA})
-    dataset_layout: str = opt(
-        "auto", "Row layout; auto detects it from the columns.", {DATA},
-        choices=("auto", "messages", "spin", "prompt_completion", "alpaca", "preference"))
-    reference_turn: str = opt(
-        "first", "Which assistant turn of a chat is the reference answer: first (as in the SPIN "
-        "paper) or last; earlier turns stay in the prompt.", {DATA}, choices=("first", "last"))
-    skip_bad_rows: bool = opt(False, "Skip malformed rows (they are counted and reported) instead "
-                              "of stopping at the first one.", {DATA})
-    max_prompts: int = opt(0, "Use only the first N prompts of the split (0: all).", {DATA},
-                           command_defaults={"run": 128})
-    # --- generation --------------------------------------------------------------------
-    output_dir: str = opt("generated", "Where the command writes its output.",
-                          {GEN, SCORE, CONVERT, EVAL, RANK},
-                          command_defaults={"convert": "pairs", "score": "scored",
-                                            "evaluate": "eval", "train": "checkpoints/spin",
-                                            "run": "runs/spin", "rank": "ranked"})
-    batch_size: int = opt(0, "Prompts per batch (0: 64 on CPU, 128 on GPU).", {GEN, SCORE, EVAL})
-    data_frac: int = opt(0, "Which fraction of the split to process (with frac_len).", {GEN})
-    frac_len: int = opt(0, "Prompts per fraction; 0 takes the whole split as fraction 0.", {GEN})
-    max_new_tokens: int = opt(256, "Most tokens generated per response (the paper: 256).",
-                              {GEN, EVAL})
-    temperature: float = opt(0.0, "Sampling temperature; 0 is greedy decoding (the paper's HF "
-                             "generation).", {GEN})
-    top_p: float = opt(1.0, "Nucleus sampling mass (used when temperature > 0).", {GEN})
-    num_samples: int = opt(1, "Responses per prompt (SPIN: 1; SPPO: 5). More than one needs "
-                           "temperature > 0.", {GEN})
-    seed: int = opt(42, "Random seed of sampling, and of data order and initialisation in "
-                    "training.", {GEN, TRAIN})
-    overwrite: bool = opt(False, "Redo finished work (shards, a trained model) instead of "
-                          "skipping it.", {GEN, SCORE, TRAIN, RANK})
-    # --- ranking (SPPO) ---------------------------------------------------------------------
-    judge: str = opt("rule", "Preference oracle: rule (task-suite checker), reward-model, pairrm "
-                     "(llm-blender), or module:function.", {RANK})
-    reward_model: str = opt("", "With --judge reward-model: a sequence-classification model "
-                            "(hub id or path).", {RANK})
-    pairrm_estimator: str = opt("paper", "With --judge pairrm: paper (scores over all K, then "
-                                "σ(s_i − s_j)) or pairwise (one comparison per ordered pair).",
-                                {RANK}, choices=("paper", "pairwise"))
-    score: bool = opt(False, "Right after generating, score references and responses with the "
-                      "same model (stored reference log-probs).", {GEN})
-    # --- scoring -----------------------------------------------------------------------
-    max_length: int = opt(1024, "Most tokens of prompt + response when scoring and training.",
-                          {SCORE, GEN})
-    max_prompt_length: int = opt(512, "Most prompt tokens kept (from the end) when prompt + "
-                                 "response exceed max_length.", {SCORE, GEN})
-    logprob_chunk_size: int = opt(1024, "Response positions whose logits are computed at once.",
-                                  {SCORE, GEN, EVAL, TRAIN})
-    # --- training (the official recipe's keys) ---------------------------------------------
-    per_device_train_batch_size: int = opt(8, "Pairs per process per step (the paper: 8 on each "
-                                           "of 8 GPUs).", {TRAIN}, command_defaults={"run": 4})
-    gradient_accumulation_steps: int = opt(1, "Steps whose gradients add up to one update.",
-                                           {TRAIN})
-    num_train_epochs: float = opt(2.0, "Passes over the pairs (the paper: 2 per iteration).",
-                                  {TRAIN}, command_defaults={"run": 1.0})
-    max_steps: int = opt(0, "Stop after this many optimizer updates (0: by num_train_epochs).",
-                         {TRAIN})
-    learning_rate: float = opt(5e-6, "Peak learning rate (the paper: 5e-7 for zephyr-7b; the "
-                               "defaults are sized for the embedded 135M model, see "
-                               "docs/default-run.md).", {TRAIN}, command_defaults={"run": 2e-6})
-    lr_scheduler_type: str = opt("linear", "Schedule after warmup.", {TRAIN},
-                                 choices=("linear", "cosine", "constant"))
-    warmup_ratio: float = opt(0.1, "Share of the updates spent warming up linearly.", {TRAIN})
-    optim: str = opt("rmsprop", "Optimizer: rmsprop (the paper) or adamw.", {TRAIN},
-                     choices=("rmsprop", "adamw"))
-    weight_decay: float = opt(0.0, "Weight decay.", {TRAIN})
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: none).", {TRAIN})
-    beta: float = opt(0.1, "β of the loss: how far θ may move from the reference (the paper: "
-                      "0.1, and 5.0 in the last iteration).", {TRAIN})
-    loss_type: str = opt("sigmoid", "sigmoid: SPIN's logistic loss (TRL's name); hinge: "
-                         "max(0, 1 - β·margin); sppo (soft), sppo_single, sppo_hard: SPPO's, "
-                         "on pairs with win probabilities.", {TRAIN},
-                         choices=("sigmoid", "hinge", "sppo", "sppo_single", "sppo_hard"))
-    bf16: bool = opt(False, "bfloat16 mixed precision (the paper: true, on GPUs).", {TRAIN})
-    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
-                                       {TRAIN})
-    group_by_length: bool = opt(True, "Batch pairs of similar length together (seeded), so "
-                                "that less compute goes to padding.", {TRAIN})
-    logging_steps: int = opt(10, "Log averaged metrics every N updates.", {TRAIN})
-    save_steps: int = opt(0, "Save a resumable checkpoint every N updates (0: only the final "
-                          "model).", {TRAIN})
-    resume: bool = opt(False, "Continue from the last checkpoint in output_dir.", {TRAIN})
-    use_peft: bool = opt(False, "Train a LoRA adapter instead of all weights.", {TRAIN})
-    lora_r: int = opt(16, "LoRA rank: the inner dimension of each adapter.", {TRAIN})
-    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r).", {TRAIN})
-    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", {TRAIN})
-    lora_target_modules: str = opt("all-linear", "Modules that get adapters: all-linear, or "
-                                   "comma-separated names (q_proj,v_proj).", {TRAIN})
-    load_in_4bit: bool = opt(False, "QLoRA: load the base weights in 4-bit NF4 with double "
-                             "quantization (bitsandbytes); needs --use_peft.", {TRAIN})
-    reference_model: str = opt("", "The reference π_ref when it is not the starting model "
-                               "(empty: the starting model, θ_t).", {TRAIN})
-    merge_adapter: bool = opt(True, "With LoRA, save the merged model (what the next iteration "
-                              "generates from); false saves the adapter alone.", {TRAIN})
-    # --- convert -----------------------------------------------------------------------
-    shards_dir: str = opt("generated", "Directory of generation shards to merge (convert) or "
-                          "judge (rank).", {CONVERT, RANK}, aliases=("input_dir",))
-    num_fracs: int = opt(0, "Number of train fractions expected (0: whatever is there); the test "
-                         "split is whatever was generated.",
-                         {CONVERT})
-    allow_missing_shards: bool = opt(False, "Go on when a fraction or a process shard is missing.",
-                                     {CONVERT})
-    # --- evaluation --------------------------------------------------------------------
-    baseline: str = opt("", "A second model to compare against: head-to-head win rate on the "
-                        "same prompts.", {EVAL})
-    # --- task suite --------------------------------------------------------------------
-    tasks_train_size: int = opt(2000, "Examples in the bundled suite's train split.", {TASKS},
-                                aliases=("n",))
-    tasks_test_size: int = opt(200, "Examples in the bundled suite's test split.", {TASKS})
-    tasks_seed: int = opt(0, "Seed of the bundled task suite (the same seed, the same tasks).",
-                          {TASKS}, aliases=("seed",))
-    export_format: str = opt("jsonl", "File format of `selfplay tasks export`.", {TASKS},
-                             choices=("jsonl", "parquet"))
+    batch_size: int = opt(0, "Prompts per batch when generating, scoring and evaluating (0: 64 "
+                          "on CPU, 128 on GPU).", {"generate", "score", "evaluate", "run"})
 
-    # --- the loop (selfplay run) -----------------------------------------------------------
-    method: str = opt("spin", "Self-play method: spin (pairs against the dataset's answers) or "
-                      "sppo (K samples judged against each other). sppo changes the defaults of "
-                      + ", ".join(f"{k} ({v})" for k, v in {**METHOD_DEFAULTS["sppo"],
-                                                            **RUN_METHOD_DEFAULTS["sppo"]}.items())
-                      + ".", {RUN},
-                      choices=("spin", "sppo"))
-    num_iterations: int = opt(2, "Iterations t = 0 .. T-1; iteration t trains θ_{t+1} from θ_t.",
-                              {RUN})
-    data_policy: str = opt(
-        "previous_and_current", "Pairs iteration t trains on: current (its own), or "
-        "previous_and_current (iteration t-1's and t's, the paper's choice from iteration 1 on).",
-        {RUN}, choices=("current", "previous_and_current"))
-    start_from: str = opt("previous", "Weights iteration t starts from: previous (θ_t, the "
-                          "paper) or sft (the original model; θ_t stays the reference).", {RUN},
-                          choices=("previous", "sft"))
-    from_iteration: int = opt(0, "Start at iteration k, with --model as θ_k (a checkpoint of "
-                              "iteration k-1).", {RUN})
-    force: bool = opt(False, "Resume a run directory even though the recipe changed.", {RUN})
-    push_to_hub: str = opt("", "Push the final model to this hub repository (nothing is pushed "
-                           "unless set).", {RUN})
-    iterations: list = opt(None, "Per-iteration overrides, a list of mappings (recipe only), "
-                           "e.g. [{}, {}, {learning_rate: 1.0e-7}, {beta: 5.0}].", {RUN},
-                           default_factory=list)
-
-    def for_iteration(self, t: int) -> "Config":
-        """This config with iteration t's overrides applied."""
-        over = self.iterations[t] if t < len(self.iterations) else {}
-        return dataclasses.replace(self, **over)
-
-    def effective_batch_size(self) -> int:
+    def inference_batch_size(self) -> int:
         """--batch_size, or 0's default: larger on a GPU (measured in bench/)."""
         if self.batch_size:
             return self.batch_size
@@ -227,20 +74,249 @@ class Config:
         on_gpu = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
         return 128 if on_gpu else 64
 
-    def validate(self, command: str | None = None) -> None:
+
+@dataclass
+class DataSettings:
+    """Where prompts and reference answers come from, and how rows are read."""
+    dataset: str = opt(
+        "builtin:tasks", "Prompts and reference answers: 'builtin:tasks' (the bundled task suite), "
+        "a hub dataset id, a .jsonl/.json/.parquet file or a directory of them. For train: pairs, "
+        "several as `a:1.0,b:0.5` (dataset:share used).", DATA_CMDS, aliases=("input_dir",),
+        command_defaults={"train": "pairs"})
+    split: str = opt("train", "Dataset split to read.", DATA_CMDS)
+    dataset_layout: str = opt(
+        "auto", "Row layout; auto detects it from the columns.", DATA_CMDS,
+        choices=("auto", "messages", "spin", "prompt_completion", "alpaca", "preference"))
+    reference_turn: str = opt(
+        "first", "Which assistant turn of a chat is the reference answer: first (as in the SPIN "
+        "paper) or last; earlier turns stay in the prompt.", DATA_CMDS, choices=("first", "last"))
+    skip_bad_rows: bool = opt(False, "Skip malformed rows (they are counted and reported) instead "
+                              "of stopping at the first one.", DATA_CMDS)
+    max_prompts: int = opt(0, "Use only the first N prompts of the split (0: all).", DATA_CMDS,
+                           command_defaults={"run": 128})
+    tasks_train_size: int = opt(2000, "Examples in the bundled suite's train split.",
+                                DATA_CMDS | {"tasks"}, aliases=("n",))
+    tasks_test_size: int = opt(200, "Examples in the bundled suite's test split.",
+                               DATA_CMDS | {"tasks"})
+    tasks_seed: int = opt(0, "Seed of the bundled task suite (the same seed, the same tasks).",
+                          DATA_CMDS | {"tasks"}, aliases=("seed",))
+    export_format: str = opt("jsonl", "File format of `selfplay tasks export`.", {"tasks"},
+                             choices=("jsonl", "parquet"))
+
+
+@dataclass
+class GenerationSettings:
+    """How θ_t answers: token budget, sampling, fractions of the split."""
+    max_new_tokens: int = opt(256, "Most tokens generated per response (the paper: 256).",
+                              {"generate", "evaluate", "run"})
+    temperature: float = opt(0.0, "Sampling temperature; 0 is greedy decoding (the paper's HF "
+                             "generation).", {"generate", "run"})
+    top_p: float = opt(1.0, "Nucleus sampling mass (used when temperature > 0).",
+                       {"generate", "run"})
+    num_samples: int = opt(1, "Responses per prompt (SPIN: 1; SPPO: 5). More than one needs "
+                           "temperature > 0.", {"generate", "run"})
+    data_frac: int = opt(0, "Which fraction of the split to process (with frac_len).",
+                         {"generate"})
+    frac_len: int = opt(0, "Prompts per fraction; 0 takes the whole split as fraction 0.",
+                        {"generate"})
+    score: bool = opt(False, "Right after generating, score references and responses with the "
+                      "same model (stored reference log-probs).", {"generate"})
+
+
+@dataclass
+class ScoringSettings:
+    """How a prompt + response is cut and read when log-probs are computed."""
+    max_length: int = opt(1024, "Most tokens of prompt + response when scoring, training and "
+                          "measuring reference likelihood.", INFER)
+    max_prompt_length: int = opt(512, "Most prompt tokens kept (from the end) when prompt + "
+                                 "response exceed max_length.", INFER)
+    logprob_chunk_size: int = opt(1024, "Response positions whose logits are computed at once.",
+                                  INFER)
+
+
+@dataclass
+class RankSettings:
+    """SPPO's preference oracle."""
+    judge: str = opt("rule", "Preference oracle: rule (task-suite checker), reward-model, pairrm "
+                     "(llm-blender), or module:function.", {"rank", "run"})
+    reward_model: str = opt("", "With --judge reward-model: a sequence-classification model "
+                            "(hub id or path).", {"rank", "run"})
+    pairrm_estimator: str = opt("paper", "With --judge pairrm: paper (scores over all K, then "
+                                "σ(s_i − s_j)) or pairwise (one comparison per ordered pair).",
+                                {"rank", "run"}, choices=("paper", "pairwise"))
+
+
+@dataclass
+class ConvertSettings:
+    """Which shards become pairs."""
+    shards_dir: str = opt("generated", "Directory of generation shards to merge (convert) or "
+                          "judge (rank).", {"convert", "rank"}, aliases=("input_dir",))
+    num_fracs: int = opt(0, "Number of train fractions expected (0: whatever is there); the test "
+                         "split is whatever was generated.", {"convert"})
+    allow_missing_shards: bool = opt(False, "Go on when a fraction or a process shard is missing.",
+                                     {"convert"})
+
+
+@dataclass
+class TrainingSettings:
+    """The optimizer, the loss and the schedule (the official recipe's keys)."""
+    per_device_train_batch_size: int = opt(8, "Pairs per process per step (the paper: 8 on each "
+                                           "of 8 GPUs).", TRAIN_CMDS, command_defaults={"run": 4})
+    gradient_accumulation_steps: int = opt(1, "Steps whose gradients add up to one update.",
+                                           TRAIN_CMDS)
+    num_train_epochs: float = opt(2.0, "Passes over the pairs (the paper: 2 per iteration).",
+                                  TRAIN_CMDS, command_defaults={"run": 1.0})
+    max_steps: int = opt(0, "Stop after this many optimizer updates (0: by num_train_epochs).",
+                         TRAIN_CMDS)
+    learning_rate: float = opt(5e-6, "Peak learning rate (the paper: 5e-7 for zephyr-7b; the "
+                               "defaults are sized for the embedded 135M model, see "
+                               "docs/default-run.md).", TRAIN_CMDS, command_defaults={"run": 2e-6})
+    lr_scheduler_type: str = opt("linear", "Schedule after warmup.", TRAIN_CMDS,
+                                 choices=("linear", "cosine", "constant"))
+    warmup_ratio: float = opt(0.1, "Share of the updates spent warming up linearly.", TRAIN_CMDS)
+    optim: str = opt("rmsprop", "Optimizer: rmsprop (the paper) or adamw.", TRAIN_CMDS,
+                     choices=("rmsprop", "adamw"))
+    weight_decay: float = opt(0.0, "Weight decay.", TRAIN_CMDS)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: none).", TRAIN_CMDS)
+    beta: float = opt(0.1, "β of the loss: how far θ may move from the reference (the paper: "
+                      "0.1, and 5.0 in the last iteration).", TRAIN_CMDS)
+    loss_type: str = opt("sigmoid", "sigmoid: SPIN's logistic loss (TRL's name); hinge: "
+                         "max(0, 1 - β·margin); sppo (soft), sppo_single, sppo_hard: SPPO's, "
+                         "on pairs with win probabilities.", TRAIN_CMDS,
+                         choices=("sigmoid", "hinge", "sppo", "sppo_single", "sppo_hard"))
+    bf16: bool = opt(False, "bfloat16 mixed precision (the paper: true, on GPUs).", TRAIN_CMDS)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
+                                       TRAIN_CMDS)
+    group_by_length: bool = opt(True, "Batch pairs of similar length together (seeded), so "
+                                "that less compute goes to padding.", TRAIN_CMDS)
+    logging_steps: int = opt(10, "Log averaged metrics every N updates.", TRAIN_CMDS)
+    save_steps: int = opt(0, "Save a resumable checkpoint every N updates (0: only the final "
+                          "model).", TRAIN_CMDS)
+    resume: bool = opt(False, "Continue from the last checkpoint in output_dir.", {"train"})
+    reference_model: str = opt("", "The reference π_ref when it is not the starting model "
+                               "(empty: the starting model, θ_t).", {"train"})
+
+
+@dataclass
+class LoraSettings:
+    """What is trained: all weights, a LoRA adapter, or an adapter on a 4-bit base (QLoRA)."""
+    use_peft: bool = opt(False, "Train a LoRA adapter instead of all weights.", TRAIN_CMDS)
+    lora_r: int = opt(16, "LoRA rank: the inner dimension of each adapter.", TRAIN_CMDS)
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r).", TRAIN_CMDS)
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", TRAIN_CMDS)
+    lora_target_modules: str = opt("all-linear", "Modules that get adapters: all-linear, or "
+                                   "comma-separated names (q_proj,v_proj).", TRAIN_CMDS)
+    load_in_4bit: bool = opt(False, "QLoRA: load the base weights in 4-bit NF4 with double "
+                             "quantization (bitsandbytes); needs --use_peft.", TRAIN_CMDS)
+    merge_adapter: bool = opt(True, "With LoRA, save the merged model (what the next iteration "
+                              "generates from); false saves the adapter alone.", TRAIN_CMDS)
+
+
+@dataclass
+class EvaluationSettings:
+    """What a model is compared against."""
+    baseline: str = opt("", "A second model to compare against: head-to-head win rate on the "
+                        "same prompts.", {"evaluate"})
+
+
+@dataclass
+class RunSettings:
+    """The loop of `selfplay run`."""
+    method: str = opt("spin", "Self-play method: spin (pairs against the dataset's answers) or "
+                      "sppo (K samples judged against each other). sppo changes the defaults of "
+                      + ", ".join(f"{k} ({v})" for k, v in {**METHOD_DEFAULTS["sppo"],
+                                                            **RUN_METHOD_DEFAULTS["sppo"]}.items())
+                      + ".", {"run"}, choices=("spin", "sppo"))
+    num_iterations: int = opt(2, "Iterations t = 0 .. T-1; iteration t trains θ_{t+1} from θ_t.",
+                              {"run"})
+    data_policy: str = opt(
+        "previous_and_current", "Pairs iteration t trains on: current (its own), or "
+        "previous_and_current (iteration t-1's and t's, the paper's choice from iteration 1 on).",
+        {"run"}, choices=("current", "previous_and_current"))
+    start_from: str = opt("previous", "Weights iteration t starts from: previous (θ_t, the "
+                          "paper) or sft (the original model; θ_t stays the reference).", {"run"},
+                          choices=("previous", "sft"))
+    from_iteration: int = opt(0, "Start at iteration k, with --model as θ_k (a checkpoint of "
+                              "iteration k-1).", {"run"})
+    force: bool = opt(False, "Resume a run directory even though the recipe changed.", {"run"})
+    push_to_hub: str = opt("", "Push the final model to this hub repository (nothing is pushed "
+                           "unless set).", {"run"})
+    iterations: list = opt(None, "Per-iteration overrides, a list of mappings (recipe only), "
+                           "e.g. [{}, {}, {learning_rate: 1.0e-7}, {beta: 5.0}].", {"run"},
+                           default_factory=list)
+
+
+@dataclass
+class JobSettings:
+    """Where a command writes, whether it redoes finished work, and its seed."""
+    output_dir: str = opt("generated", "Where the command writes its output.",
+                          {"generate", "score", "convert", "evaluate", "rank", "train", "run"},
+                          command_defaults={"convert": "pairs", "score": "scored",
+                                            "evaluate": "eval", "train": "checkpoints/spin",
+                                            "run": "runs/spin", "rank": "ranked"})
+    overwrite: bool = opt(False, "Redo finished work (shards, a trained model) instead of "
+                          "skipping it.", {"generate", "score", "train", "rank"})
+    seed: int = opt(42, "Random seed of sampling, and of data order and initialisation in "
+                    "training.", {"generate", "train", "run"})
+
+
+# (attribute of Config, settings class, heading in `--help`), in the order help lists them.
+GROUPS: tuple[tuple[str, type, str], ...] = (
+    ("model", ModelSettings, "model"), ("data", DataSettings, "data"),
+    ("generation", GenerationSettings, "generation"), ("scoring", ScoringSettings, "scoring"),
+    ("rank", RankSettings, "ranking (SPPO)"), ("convert", ConvertSettings, "convert"),
+    ("training", TrainingSettings, "training"), ("lora", LoraSettings, "LoRA / QLoRA"),
+    ("evaluation", EvaluationSettings, "evaluation"), ("run", RunSettings, "the loop"),
+    ("job", JobSettings, "output"))
+
+
+@dataclass
+class Config:
+    """One settings object per group; keys are flat and unique across groups."""
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    rank: RankSettings = field(default_factory=RankSettings)
+    convert: ConvertSettings = field(default_factory=ConvertSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    job: JobSettings = field(default_factory=JobSettings)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> "Config":
+        by_group: dict[str, dict[str, Any]] = {g: {} for g, _, _ in GROUPS}
+        for k, v in values.items():
+            by_group[GROUP_OF[k]][k] = v
+        return cls(**{g: klass(**by_group[g]) for g, klass, _ in GROUPS})
+
+    def flat(self) -> dict[str, Any]:
+        """Every key and its value, as a recipe writes them."""
+        return {k: v for g, _, _ in GROUPS for k, v in dataclasses.asdict(getattr(self, g)).items()}
+
+    def replace(self, **flat: Any) -> "Config":
+        """A copy with some flat keys changed."""
+        return Config.from_flat({**self.flat(), **flat})
+
+    def for_iteration(self, t: int) -> "Config":
+        """This config with iteration t's overrides applied."""
+        over = self.run.iterations[t] if t < len(self.run.iterations) else {}
+        return self.replace(**over)
+
+    def validate(self) -> None:
         """Cross-option checks that a single value's type cannot express."""
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise SelfplayError(msg)
+        r = self.run
         self.validate_one()
-        need(self.num_iterations > 0, "--num_iterations must be positive.")
-        need(0 <= self.from_iteration < self.num_iterations,
-             f"--from_iteration {self.from_iteration} must lie in [0, --num_iterations "
-             f"{self.num_iterations}).")
-        need(len(self.iterations) <= self.num_iterations,
-             f"`iterations` has {len(self.iterations)} entries but --num_iterations is "
-             f"{self.num_iterations}.")
-        for t in range(len(self.iterations)):
+        _need(r.num_iterations > 0, "--num_iterations must be positive.")
+        _need(0 <= r.from_iteration < r.num_iterations,
+              f"--from_iteration {r.from_iteration} must lie in [0, --num_iterations "
+              f"{r.num_iterations}).")
+        _need(len(r.iterations) <= r.num_iterations,
+              f"`iterations` has {len(r.iterations)} entries but --num_iterations is "
+              f"{r.num_iterations}.")
+        for t in range(len(r.iterations)):
             try:
                 self.for_iteration(t).validate_one()
             except SelfplayError as e:
@@ -248,77 +324,105 @@ class Config:
 
     def validate_one(self) -> None:
         """The checks of one set of values (the run's, or one iteration's)."""
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise SelfplayError(msg)
-        need(self.batch_size >= 0, "--batch_size must be 0 (automatic) or a positive integer.")
-        need(self.frac_len >= 0, "--frac_len must be 0 (whole split) or a positive integer.")
-        need(self.data_frac >= 0, "--data_frac must be a non-negative integer.")
-        need(self.frac_len > 0 or self.data_frac == 0,
-             f"--data_frac {self.data_frac} needs --frac_len > 0 (with frac_len 0 the whole split "
-             "is fraction 0).")
-        need(self.max_new_tokens > 0, "--max_new_tokens must be positive.")
-        need(self.temperature >= 0, "--temperature must be 0 (greedy) or positive.")
-        need(0 < self.top_p <= 1, "--top_p must lie in (0, 1].")
-        need(self.num_samples >= 1, "--num_samples must be at least 1.")
-        need(self.num_samples == 1 or self.temperature > 0,
-             f"--num_samples {self.num_samples} with --temperature 0 would give identical greedy "
-             "responses; set --temperature > 0 (the SPPO paper uses 0.7 with --top_p 0.9).")
-        need(self.max_prompts >= 0, "--max_prompts must be 0 (all) or positive.")
-        need(self.max_length > 0 and self.max_prompt_length > 0,
-             "--max_length and --max_prompt_length must be positive.")
-        need(self.max_prompt_length < self.max_length,
-             f"--max_prompt_length ({self.max_prompt_length}) must be smaller than --max_length "
-             f"({self.max_length}), or no response token would fit.")
-        need(self.logprob_chunk_size > 0, "--logprob_chunk_size must be positive.")
-        need(self.num_fracs >= 0, "--num_fracs must be 0 (whatever is there) or positive.")
-        need(self.per_device_train_batch_size > 0, "--per_device_train_batch_size must be positive.")
-        need(self.gradient_accumulation_steps > 0, "--gradient_accumulation_steps must be positive.")
-        need(self.num_train_epochs > 0 or self.max_steps > 0,
-             "--num_train_epochs must be positive (or set --max_steps).")
-        need(self.learning_rate > 0, "--learning_rate must be positive.")
-        need(0 <= self.warmup_ratio < 1, "--warmup_ratio must lie in [0, 1).")
-        need(self.beta > 0, "--beta must be positive.")
-        need(self.logging_steps > 0, "--logging_steps must be positive.")
-        need(self.save_steps >= 0, "--save_steps must be 0 (final model only) or positive.")
-        need(self.lora_r > 0 and self.lora_alpha > 0, "--lora_r and --lora_alpha must be positive.")
-        need(0 <= self.lora_dropout < 1, "--lora_dropout must lie in [0, 1).")
-        need(not self.load_in_4bit or self.use_peft,
-             "--load_in_4bit (QLoRA) trains an adapter on frozen 4-bit weights, so it needs "
-             "--use_peft; 4-bit weights themselves cannot be trained.")
-        need(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other.")
-        need(self.method != "sppo" or (self.num_samples >= 2 and self.loss_type.startswith("sppo")),
-             "--method sppo needs --num_samples of at least 2 (the paper: 5) and an SPPO "
-             "--loss_type (sppo, sppo_single or sppo_hard).")
-        need(self.tasks_train_size > 0 and self.tasks_test_size > 0,
-             "--tasks_train_size and --tasks_test_size must be positive.")
+        m, d, g, s, tr, lo = (self.model, self.data, self.generation, self.scoring,
+                              self.training, self.lora)
+        _need(m.batch_size >= 0, "--batch_size must be 0 (automatic) or a positive integer.")
+        _need(g.frac_len >= 0, "--frac_len must be 0 (whole split) or a positive integer.")
+        _need(g.data_frac >= 0, "--data_frac must be a non-negative integer.")
+        _need(g.frac_len > 0 or g.data_frac == 0,
+              f"--data_frac {g.data_frac} needs --frac_len > 0 (with frac_len 0 the whole split "
+              "is fraction 0).")
+        _need(g.max_new_tokens > 0, "--max_new_tokens must be positive.")
+        _need(g.temperature >= 0, "--temperature must be 0 (greedy) or positive.")
+        _need(0 < g.top_p <= 1, "--top_p must lie in (0, 1].")
+        _need(g.num_samples >= 1, "--num_samples must be at least 1.")
+        _need(g.num_samples == 1 or g.temperature > 0,
+              f"--num_samples {g.num_samples} with --temperature 0 would give identical greedy "
+              "responses; set --temperature > 0 (the SPPO paper uses 0.7 with --top_p 0.9).")
+        _need(d.max_prompts >= 0, "--max_prompts must be 0 (all) or positive.")
+        _need(s.max_length > 0 and s.max_prompt_length > 0,
+              "--max_length and --max_prompt_length must be positive.")
+        _need(s.max_prompt_length < s.max_length,
+              f"--max_prompt_length ({s.max_prompt_length}) must be smaller than --max_length "
+              f"({s.max_length}), or no response token would fit.")
+        _need(s.logprob_chunk_size > 0, "--logprob_chunk_size must be positive.")
+        _need(self.convert.num_fracs >= 0, "--num_fracs must be 0 (whatever is there) or positive.")
+        _need(tr.per_device_train_batch_size > 0,
+              "--per_device_train_batch_size must be positive.")
+        _need(tr.gradient_accumulation_steps > 0,
+              "--gradient_accumulation_steps must be positive.")
+        _need(tr.num_train_epochs > 0 or tr.max_steps > 0,
+              "--num_train_epochs must be positive (or set --max_steps).")
+        _need(tr.learning_rate > 0, "--learning_rate must be positive.")
+        _need(0 <= tr.warmup_ratio < 1, "--warmup_ratio must lie in [0, 1).")
+        _need(tr.beta > 0, "--beta must be positive.")
+        _need(tr.logging_steps > 0, "--logging_steps must be positive.")
+        _need(tr.save_steps >= 0, "--save_steps must be 0 (final model only) or positive.")
+        _need(lo.lora_r > 0 and lo.lora_alpha > 0, "--lora_r and --lora_alpha must be positive.")
+        _need(0 <= lo.lora_dropout < 1, "--lora_dropout must lie in [0, 1).")
+        _need(not lo.load_in_4bit or lo.use_peft,
+              "--load_in_4bit (QLoRA) trains an adapter on frozen 4-bit weights, so it needs "
+              "--use_peft; 4-bit weights themselves cannot be trained.")
+        _need(not (tr.resume and self.job.overwrite),
+              "--resume and --overwrite contradict each other.")
+        _need(self.run.method != "sppo" or (g.num_samples >= 2
+                                            and tr.loss_type.startswith("sppo")),
+              "--method sppo needs --num_samples of at least 2 (the paper: 5) and an SPPO "
+              "--loss_type (sppo, sppo_single or sppo_hard).")
+        _need(d.tasks_train_size > 0 and d.tasks_test_size > 0,
+              "--tasks_train_size and --tasks_test_size must be positive.")
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise SelfplayError(msg)
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """`a` or `a:1.0,b:0.5` from the command line: datasets and the share of each used (the
+    paper trains iteration t on iteration t-1's and t's pairs)."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        path, _, frac = part.rpartition(":")
+        try:
+            f = float(frac)
+        except ValueError:
+            path, f = part, 1.0
+        if not 0 < f <= 1:
+            raise SelfplayError(f"--dataset {part!r}: the mixing fraction must lie in (0, 1].")
+        out.append((path, f))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
 # Schema introspection
 # ---------------------------------------------------------------------------------------
 
-FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+FIELDS: dict[str, dataclasses.Field] = {}
+GROUP_OF: dict[str, str] = {}
+_HINTS: dict[str, Any] = {}
+for _g, _cls, _ in GROUPS:
+    _hints = typing.get_type_hints(_cls)
+    for _f in dataclasses.fields(_cls):
+        FIELDS[_f.name], GROUP_OF[_f.name], _HINTS[_f.name] = _f, _g, _hints[_f.name]
 ALIASES: dict[str, list[str]] = {}
 for _f in FIELDS.values():
     for _a in _f.metadata["aliases"]:
         ALIASES.setdefault(_a, []).append(_f.name)
-_HINTS = typing.get_type_hints(Config)
 
 
 def fields_for(command: str) -> list[dataclasses.Field]:
-    groups = COMMAND_GROUPS.get(command, set())
-    return [f for f in FIELDS.values() if f.metadata["groups"] & groups]
+    return [f for f in FIELDS.values() if command in f.metadata["commands"]]
 
 
 def _canonical(key: str, command: str | None = None) -> str:
-    """The field a key names; an alias shared by two fields resolves by the command's groups."""
+    """The field a key names; an alias shared by two fields resolves by the command."""
     key = key.strip().lstrip("-").replace("-", "_")
     targets = ALIASES.get(key)
-    groups = COMMAND_GROUPS.get(command or "", set())
-    if not targets or (key in FIELDS and (command is None or FIELDS[key].metadata["groups"] & groups)):
+    if not targets or (key in FIELDS and (command is None
+                                          or command in FIELDS[key].metadata["commands"])):
         return key
-    return next((t for t in targets if FIELDS[t].metadata["groups"] & groups), targets[0])
+    return next((t for t in targets if command in FIELDS[t].metadata["commands"]), targets[0])
 
 
 def _type_name(tp: Any) -> str:
@@ -482,27 +586,27 @@ def load_config(command: str, recipe: str | Path | None = None,
                  **(RUN_METHOD_DEFAULTS.get(method, {}) if command == "run" else {})}.items():
         if k not in explicit_keys:
             values[k] = v
-    cfg = Config(**values)
-    cfg.validate(command)
+    cfg = Config.from_flat(values)
+    cfg.validate()
     return cfg
 
 
 def format_help(command: str) -> str:
+    """The options `command` reads, under their groups' headings."""
     lines = []
-    for f in fields_for(command):
-        names = ", ".join([f"--{f.name}"] + [f"--{a}" for a in f.metadata["aliases"]
-                                              if _canonical(a, command) == f.name])
-        default = f.metadata["command_defaults"].get(
-            command, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        tp = _type_name(_HINTS[f.name])
-        lines.append(f"  {names}  ({tp}, default: {default!r})")
-        text = f.metadata["help"]
-        if f.metadata["choices"]:
-            text += f" Choices: {', '.join(map(str, f.metadata['choices']))}."
-        lines.extend("      " + ln for ln in _wrap(text, 86))
-    return "\n".join(lines)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-    return textwrap.wrap(text, width) or [""]
+    for group, klass, heading in GROUPS:
+        fields = [f for f in dataclasses.fields(klass) if command in f.metadata["commands"]]
+        if not fields:
+            continue
+        lines += ["", f"{heading}:"]
+        for f in fields:
+            names = ", ".join([f"--{f.name}"] + [f"--{a}" for a in f.metadata["aliases"]
+                                                  if _canonical(a, command) == f.name])
+            default = f.metadata["command_defaults"].get(
+                command, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            lines.append(f"  {names}  ({_type_name(_HINTS[f.name])}, default: {default!r})")
+            text = f.metadata["help"]
+            if f.metadata["choices"]:
+                text += f" Choices: {', '.join(map(str, f.metadata['choices']))}."
+            lines.extend("      " + ln for ln in textwrap.wrap(text, 86) or [""])
+    return "\n".join(lines[1:])

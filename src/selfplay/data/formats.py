@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from selfplay.config import DataSettings
+from selfplay.data import tasks
 from selfplay.errors import SelfplayError
 
 LAYOUTS = ("messages", "spin", "prompt_completion", "alpaca", "preference")
@@ -268,7 +271,6 @@ def read_examples(source: str, split: str = "train", layout: str = "auto",
                   tasks_test_size: int = 200) -> ReadResult:
     """Read a dataset into Examples; see the module docstring for layouts and error handling."""
     if source == BUILTIN_TASKS:
-        from selfplay.data import tasks
         rows = tasks.split_rows(split, seed=tasks_seed, n_train=tasks_train_size,
                                 n_test=tasks_test_size)
         stream: Iterator[tuple[str, int, Any]] = ((f"{BUILTIN_TASKS}[{split}]", n, r)
@@ -325,14 +327,18 @@ def read_examples(source: str, split: str = "train", layout: str = "auto",
     return ReadResult(examples, "+".join(layouts), files, skipped)
 
 
-def read_for(cfg, split: str | None = None) -> ReadResult:
-    """read_examples with a command's options, reporting what was read and skipped."""
-    import sys
-
-    res = read_examples(cfg.dataset, split or cfg.split, cfg.dataset_layout, cfg.reference_turn,
-                        cfg.skip_bad_rows, cfg.max_prompts, cfg.tasks_seed, cfg.tasks_train_size,
-                        cfg.tasks_test_size)
+def read_for(data: DataSettings, split: str | None = None) -> ReadResult:
+    """read_examples with a command's data settings, reporting what was read and skipped."""
+    res = read_examples(data.dataset, split or data.split, data.dataset_layout,
+                        data.reference_turn, data.skip_bad_rows, data.max_prompts,
+                        data.tasks_seed, data.tasks_train_size, data.tasks_test_size)
     print(f"read {res.summary()}", file=sys.stderr)
     for msg in res.skipped[:5]:
         print(f"  skipped: {msg}", file=sys.stderr)
     return res
+
+
+def held_out_split(data: DataSettings) -> str:
+    """The split evaluations read: the suite's test split when the run trains on its train
+    split, else the split given."""
+    return "test" if data.dataset == BUILTIN_TASKS and data.split == "train" else data.split

@@ -1,175 +1,203 @@
-"""Generation shards in, the published SPIN pair layout out (`selfplay convert`).
+"""The preference pair: one typed record between convert, score and train, and its two file layouts.
 
-Output: `{train,test}_prefs-00000-of-00001.parquet` with columns `real` and `generated` (lists of
-{role, content}), as in the published UCLA-AGI/SPIN_iter* datasets, so that those and ours are
-interchangeable; plus `prompt_id`, the generation's token count and finish reason, and, when the
-shards were scored, the reference log-probs the trainer uses instead of a second model.
+In memory a pair is always (chosen, rejected): for SPIN, chosen is the dataset's answer
+("real") and rejected θ_t's ("generated"); for SPPO, the most and least preferred of θ_t's K
+samples, with the judge's probabilities. On disk it takes the layout of the published datasets,
+so that those and ours are interchangeable:
+
+  spin   `real`, `generated` (message lists), as UCLA-AGI/SPIN_iter*; our extra columns:
+         `generated_tokens`, `finish_reason`, `ref_logp_real`, `ref_ntok_real`,
+         `ref_logp_generated`, `ref_ntok_generated`, `score_*`
+  sppo   `prompt`, `chosen`, `rejected`, `chosen_probs`, `chosen_probs_win`,
+         `chosen_probs_lose`, as the official SPPO data; ours: `judge`, `finish_reason`,
+         `ref_logp_chosen`, `ref_logp_rejected`, `score_*`
+
+This module is the only place that knows those column names. TRL-style preference rows
+(`prompt`, `chosen`, `rejected`) read as the sppo layout without probabilities.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from selfplay.config import DataSettings
+from selfplay.data.formats import Example, read_examples
+from selfplay.data.shards import write_parquet_atomic
 from selfplay.errors import SelfplayError
-from selfplay.generation import read_jsonl
 
-SHARD_RE = re.compile(r"^(?P<split>.+)-frac(?P<frac>\d+)-rank(?P<rank>\d+)-of(?P<world>\d+)\.jsonl$")
-SPLITS = ("train", "test")
+@dataclass(frozen=True)
+class ScoreStamp:
+    """What a stored log-prob was computed with; it is valid only for exactly this."""
+    model: str
+    max_length: int
+    max_prompt_length: int
 
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "max_length": self.max_length,
+                "max_prompt_length": self.max_prompt_length}
 
-def pairs_file(output_dir: Path, split: str) -> Path:
-    return output_dir / f"{split}_prefs-00000-of-00001.parquet"
-
-
-def find_shards(shards_dir: Path, split: str, num_fracs: int) -> tuple[list[Path], list[str]]:
-    """Complete shard files of a split, in order, and a description of each missing one."""
-    by_frac: dict[int, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
-    paths: dict[tuple[int, int, int], Path] = {}
-    for p in shards_dir.glob(f"{split}-frac*.jsonl"):
-        m = SHARD_RE.match(p.name)
-        if not m or m["split"] != split:
-            continue
-        f, r, w = int(m["frac"]), int(m["rank"]), int(m["world"])
-        by_frac[f][w].add(r)
-        paths[(f, w, r)] = p
-    missing: list[str] = []
-    fracs = range(num_fracs) if num_fracs else range(max(by_frac) + 1 if by_frac else 0)
-    chosen: list[Path] = []
-    for f in fracs:
-        if f not in by_frac:
-            missing.append(f"{split} fraction {f}")
-            continue
-        # A fraction re-generated with another process count: the complete set wins.
-        complete = [w for w, ranks in by_frac[f].items() if ranks == set(range(w))]
-        if not complete:
-            w = max(by_frac[f], key=lambda w: len(by_frac[f][w]))
-            lost = sorted(set(range(w)) - by_frac[f][w])
-            missing.append(f"{split} fraction {f} process shard(s) {lost} of {w}")
-            chosen += [paths[(f, w, r)] for r in sorted(by_frac[f][w])]
-        else:
-            w = min(complete)
-            chosen += [paths[(f, w, r)] for r in range(w)]
-    return chosen, missing
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> "ScoreStamp | None":
+        return cls(d["model"], d["max_length"], d["max_prompt_length"]) if d else None
 
 
-def _scalar_extras(extra: dict) -> dict:
-    return {k: v for k, v in extra.items() if isinstance(v, (str, int, float, bool))}
+@dataclass
+class PreferencePair:
+    prompt_id: str
+    prompt: list[dict[str, str]]
+    chosen: str                          # SPIN: the dataset's answer; SPPO: the preferred sample
+    rejected: str                        # SPIN: θ_t's answer; SPPO: the least preferred sample
+    rejected_tokens: int | None = None   # θ_t's generated token count (SPIN)
+    finish_reason: str | None = None     # of the rejected (generated) answer: eos or length
+    # θ_t's summed log-probs, stored so that training needs no second model
+    ref_logp_chosen: float | None = None
+    ref_logp_rejected: float | None = None
+    ref_ntok_chosen: int | None = None
+    ref_ntok_rejected: int | None = None
+    scored_with: ScoreStamp | None = None
+    # SPPO: P(chosen ≻ rejected), P̂(chosen ≻ π_t), P̂(rejected ≻ π_t), and the judge
+    chosen_probs: float | None = None
+    chosen_probs_win: float | None = None
+    chosen_probs_lose: float | None = None
+    judge: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)   # the dataset's scalar columns
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_logp_chosen is not None and self.ref_logp_rejected is not None
 
 
-def shard_rows_to_pairs(rows: list[dict]) -> list[dict]:
-    """One SPIN pair per generated response (SPIN generates one; K samples give K pairs)."""
-    pairs = []
-    for r in rows:
-        real = r["prompt"] + [{"role": "assistant", "content": r["reference"]}]
-        for k, resp in enumerate(r["responses"]):
-            pair = {"prompt_id": r["prompt_id"], "real": real,
-                    "generated": r["prompt"] + [{"role": "assistant", "content": resp}],
-                    "generated_tokens": r["response_tokens"][k],
-                    "finish_reason": r["finish_reasons"][k], **_scalar_extras(r.get("extra", {}))}
-            if "ref_logp_reference" in r:
-                s = r["score_settings"]
-                pair.update({"ref_logp_real": r["ref_logp_reference"],
-                             "ref_ntok_real": r["ref_ntok_reference"],
-                             "ref_logp_generated": r["ref_logp_responses"][k],
-                             "ref_ntok_generated": r["ref_ntok_responses"][k],
-                             "score_model": s["model"], "score_max_length": s["max_length"],
-                             "score_max_prompt_length": s["max_prompt_length"]})
-            pairs.append(pair)
-    return pairs
+def _chat(prompt: list[dict[str, str]], answer: str) -> list[dict[str, str]]:
+    return prompt + [{"role": "assistant", "content": answer}]
 
 
-def ranked_rows_to_sppo_pairs(rows: list[dict]) -> tuple[list[dict], int]:
-    """SPPO pairs from ranked rows (K responses + the judge's K×K matrix), in the official
-    SPPO columns; prompts whose K responses all tie are left out and counted."""
-    from selfplay.judges import sppo_pair
-
-    pairs, ties = [], 0
-    for r in rows:
-        sel = sppo_pair(r["matrix"])
-        if sel is None:
-            ties += 1
-            continue
-        w, l = sel["chosen_index"], sel["rejected_index"]
-        pair = {"prompt_id": r["prompt_id"], "prompt": r["prompt"],
-                "chosen": r["prompt"] + [{"role": "assistant", "content": r["responses"][w]}],
-                "rejected": r["prompt"] + [{"role": "assistant", "content": r["responses"][l]}],
-                "chosen_probs": sel["chosen_probs"], "chosen_probs_win": sel["chosen_probs_win"],
-                "chosen_probs_lose": sel["chosen_probs_lose"], "judge": r["judge"],
-                "finish_reason": r["finish_reasons"][l], **_scalar_extras(r.get("extra", {}))}
-        if "ref_logp_responses" in r:
-            s = r["score_settings"]
-            pair.update({"ref_logp_chosen": r["ref_logp_responses"][w],
-                         "ref_logp_rejected": r["ref_logp_responses"][l],
-                         "score_model": s["model"], "score_max_length": s["max_length"],
-                         "score_max_prompt_length": s["max_prompt_length"]})
-        pairs.append(pair)
-    return pairs, ties
+def _stamp_columns(s: ScoreStamp) -> dict[str, Any]:
+    return {"score_model": s.model, "score_max_length": s.max_length,
+            "score_max_prompt_length": s.max_prompt_length}
 
 
-def write_parquet_atomic(path: Path, rows: list[dict]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def spin_row(p: PreferencePair) -> dict[str, Any]:
+    row = {"prompt_id": p.prompt_id, "real": _chat(p.prompt, p.chosen),
+           "generated": _chat(p.prompt, p.rejected), "generated_tokens": p.rejected_tokens,
+           "finish_reason": p.finish_reason, **p.extra}
+    if p.scored_with is not None:
+        row.update({"ref_logp_real": p.ref_logp_chosen, "ref_ntok_real": p.ref_ntok_chosen,
+                    "ref_logp_generated": p.ref_logp_rejected,
+                    "ref_ntok_generated": p.ref_ntok_rejected, **_stamp_columns(p.scored_with)})
+    return row
 
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    tmp.replace(path)
+
+def sppo_row(p: PreferencePair) -> dict[str, Any]:
+    row = {"prompt_id": p.prompt_id, "prompt": p.prompt, "chosen": _chat(p.prompt, p.chosen),
+           "rejected": _chat(p.prompt, p.rejected), "chosen_probs": p.chosen_probs,
+           "chosen_probs_win": p.chosen_probs_win, "chosen_probs_lose": p.chosen_probs_lose,
+           "judge": p.judge, "finish_reason": p.finish_reason, **p.extra}
+    if p.scored_with is not None:
+        row.update({"ref_logp_chosen": p.ref_logp_chosen, "ref_logp_rejected": p.ref_logp_rejected,
+                    **_stamp_columns(p.scored_with)})
+    return row
 
 
-def convert(shards_dir: str | Path, output_dir: str | Path, num_fracs: int = 0,
-            allow_missing: bool = False) -> dict:
-    """Merge shards into pair files; returns the report (also written as JSON).
+def write_pairs(path: Path, pairs: list[PreferencePair], layout: str) -> None:
+    """Pairs to parquet in the `spin` or `sppo` layout."""
+    write_parquet_atomic(path, [(sppo_row if layout == "sppo" else spin_row)(p) for p in pairs])
 
-    Generation shards give SPIN pairs (`real`, `generated`); ranked shards (`selfplay rank`)
-    give SPPO pairs (`chosen`, `rejected`, `chosen_probs`, `chosen_probs_win`,
-    `chosen_probs_lose`).
-    """
-    shards_dir, output_dir = Path(shards_dir), Path(output_dir)
-    if not shards_dir.is_dir():
-        raise SelfplayError(f"shard directory {shards_dir} does not exist.")
-    report: dict = {"shards_dir": str(shards_dir), "splits": {}}
-    found_any = False
-    for split in SPLITS:
-        # As in the official convert_data.py, --num_fracs counts train fractions; the test split
-        # is generated once, whole, as fraction 0.
-        files, missing = find_shards(shards_dir, split, num_fracs if split == "train" else 0)
-        if not files and not missing:
-            continue
-        found_any = True
-        if missing and not allow_missing:
-            raise SelfplayError(f"{shards_dir}: missing {'; '.join(missing)} (generate them, or "
-                                "pass --allow_missing_shards to convert what is there).")
-        rows, seen, dups = [], set(), 0
-        for f in files:
-            for row in read_jsonl(f):
-                if row["prompt_id"] in seen:
-                    dups += 1
-                    continue
-                seen.add(row["prompt_id"])
-                rows.append(row)
-        ties = 0
-        if rows and "matrix" in rows[0]:
-            pairs, ties = ranked_rows_to_sppo_pairs(rows)
-        else:
-            pairs = shard_rows_to_pairs(rows)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if pairs:
-            write_parquet_atomic(pairs_file(output_dir, split), pairs)
-        n_trunc = sum(p["finish_reason"] == "length" for p in pairs)
-        report["splits"][split] = {
-            "shards": len(files), "missing": missing, "prompts": len(rows), "pairs": len(pairs),
-            "duplicate_prompt_ids_dropped": dups, "all_tie_prompts_left_out": ties,
-            "truncated_share": n_trunc / len(pairs) if pairs else 0.0,
-            "scored": bool(pairs) and all("ref_logp_real" in p or "ref_logp_chosen" in p
-                                          for p in pairs),
-            "file": str(pairs_file(output_dir, split)) if pairs else None}
-        if pairs and "chosen_probs_win" in pairs[0]:
-            for col in ("chosen_probs_win", "chosen_probs_lose"):
-                report["splits"][split][f"mean_{col}"] = sum(p[col] for p in pairs) / len(pairs)
-    if not found_any:
-        raise SelfplayError(f"{shards_dir} holds no generation shards (files named "
-                            "SPLIT-fracNNNNN-rankNNN-ofNNN.jsonl, as `selfplay generate` writes).")
-    (output_dir / "convert_report.json").write_text(json.dumps(report, indent=2))
-    return report
+
+# ---------------------------------------------------------------------------------------
+# Reading: any pair layout the readers accept, into PreferencePair
+# ---------------------------------------------------------------------------------------
+
+# Columns of either layout that become PreferencePair fields (not extra).
+_SPIN_COLS = {"generated", "generated_tokens", "finish_reason", "ref_logp_real", "ref_ntok_real",
+              "ref_logp_generated", "ref_ntok_generated", "score_model", "score_max_length",
+              "score_max_prompt_length"}
+_SPPO_COLS = {"rejected", "chosen_probs", "chosen_probs_win", "chosen_probs_lose", "judge",
+              "finish_reason", "ref_logp_chosen", "ref_logp_rejected", "ref_ntok_chosen",
+              "ref_ntok_rejected", "score_model", "score_max_length", "score_max_prompt_length"}
+
+
+def _answer(value: Any, source: str) -> str:
+    if isinstance(value, list):
+        if not value or not isinstance(value[-1], dict) or value[-1].get("role") != "assistant":
+            raise SelfplayError(f"{source}: a generated/rejected message list must end with an "
+                                "assistant turn.")
+        return value[-1]["content"]
+    return str(value)
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def pair_from_example(ex: Example, source: str) -> PreferencePair:
+    """An Example read from a pair dataset; fails with the reason when it holds no pair."""
+    e = ex.extra
+    spin = "generated" in e
+    if not spin and "rejected" not in e:
+        raise SelfplayError(
+            f"{source} has prompts and answers but no generated (or rejected) responses to "
+            "train against; make pairs with `selfplay generate --score` and "
+            "`selfplay convert` first (or use `selfplay run`).")
+    w, l = ("real", "generated") if spin else ("chosen", "rejected")
+    stamp = ScoreStamp(e["score_model"], e["score_max_length"], e["score_max_prompt_length"]) \
+        if e.get("score_model") is not None else None
+    cols = _SPIN_COLS if spin else _SPPO_COLS
+    return PreferencePair(
+        prompt_id=ex.prompt_id, prompt=ex.prompt, chosen=ex.reference,
+        rejected=_answer(e["generated" if spin else "rejected"], source),
+        rejected_tokens=e.get("generated_tokens"), finish_reason=e.get("finish_reason"),
+        ref_logp_chosen=_num(e.get(f"ref_logp_{w}")), ref_logp_rejected=_num(e.get(f"ref_logp_{l}")),
+        ref_ntok_chosen=e.get(f"ref_ntok_{w}"), ref_ntok_rejected=e.get(f"ref_ntok_{l}"),
+        scored_with=stamp, chosen_probs=_num(e.get("chosen_probs")),
+        chosen_probs_win=_num(e.get("chosen_probs_win")),
+        chosen_probs_lose=_num(e.get("chosen_probs_lose")), judge=e.get("judge"),
+        extra={k: v for k, v in e.items() if k not in cols})
+
+
+def read_pairs(source: str, split: str, data: DataSettings) -> tuple[list[PreferencePair], Any]:
+    """Every pair of one dataset, and the reader's result (layout, files, skipped rows)."""
+    res = read_examples(source, split, data.dataset_layout, data.reference_turn,
+                        data.skip_bad_rows, data.max_prompts, data.tasks_seed,
+                        data.tasks_train_size, data.tasks_test_size)
+    return [pair_from_example(ex, source) for ex in res.examples], res
+
+
+# ---------------------------------------------------------------------------------------
+# What convert made of the shards
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class SplitReport:
+    shards: int
+    missing: list[str]
+    prompts: int
+    pairs: int
+    duplicate_prompt_ids_dropped: int
+    all_tie_prompts_left_out: int
+    truncated_share: float               # rejected (generated) answers cut by the token limit
+    scored: bool                         # every pair carries reference log-probs
+    file: str | None
+    mean_chosen_probs_win: float | None = None    # SPPO only
+    mean_chosen_probs_lose: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or not k.startswith("mean_")}
+
+
+@dataclass
+class ConvertReport:
+    shards_dir: str
+    splits: dict[str, SplitReport] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shards_dir": self.shards_dir,
+                "splits": {k: v.to_json() for k, v in self.splits.items()}}
+
+    @classmethod
+    def read(cls, path: Path) -> "ConvertReport":
+        d = json.loads(Path(path).read_text())
+        return cls(d["shards_dir"], {k: SplitReport(**v) for k, v in d["splits"].items()})

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from selfplay.errors import SelfplayError
+
 FAMILIES = ("arithmetic", "units", "strings", "sorting", "calendar", "comparison")
 TEST_SHARE = 0.2   # the share of the prompt space that belongs to the test split
 
@@ -295,7 +297,6 @@ def to_row(task: Task) -> dict:
 
 def split_rows(split: str, seed: int = 0, n_train: int = 2000, n_test: int = 200) -> list[dict]:
     if split not in ("train", "test"):
-        from selfplay.errors import SelfplayError
         raise SelfplayError(f"the bundled task suite has splits train and test, not {split!r}.")
     return [to_row(t) for t in generate(split, n_train if split == "train" else n_test, seed)]
 

@@ -1,26 +1,21 @@
-"""Batched generation with a shrinking batch, and generation shard files.
+"""The HF engine: batched decoding with a shrinking batch, on any transformers causal LM.
 
 Prompts are rendered once (rendering.prompt_ids), sorted by length so that a batch holds
 prompts of similar length (little padding), left-padded, and decoded with the model's KV cache.
 Unlike `model.generate`, which computes every row until the longest one ends, a row leaves the
 batch (and the cache) as soon as it emits its end-of-turn token: the rest of the batch then runs
 cheaper. Greedy outputs equal `model.generate`'s token for token (tested).
-
-A shard file is written to a temporary name and renamed when complete: a finished shard is
-skipped on re-run, an interrupted one is redone, and nothing is ever appended twice.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from selfplay.rendering import prompt_ids
 
@@ -74,8 +69,6 @@ def _pick(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator | None
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, stops: list[int],
            s: SamplingSettings, gen: torch.Generator | None = None) -> list[list[int]]:
     """New tokens per row of a left-padded batch, each list ending at its first stop token."""
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=model.config)
     attn = attention_mask
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -142,121 +135,3 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: Sa
         bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.0f}")
     bar.close()
     return out  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------------------
-# Shard files
-# ---------------------------------------------------------------------------------------
-
-def shard_name(split: str, data_frac: int, rank: int, world: int) -> str:
-    return f"{split}-frac{data_frac:05d}-rank{rank:03d}-of{world:03d}.jsonl"
-
-
-def fraction(n: int, data_frac: int, frac_len: int) -> tuple[int, int]:
-    """[start, end) of fraction data_frac; frac_len 0 is the whole split."""
-    if frac_len == 0:
-        return 0, n
-    start = data_frac * frac_len
-    return start, min(start + frac_len, n)
-
-
-def process_slice(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous, balanced [start, end) of n items for one of `world` processes."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Write to a temporary name, fsync, rename: readers never see a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """One JSON document, written to a temporary name and renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def settings_record(model_spec: str, s: SamplingSettings, num_samples: int) -> dict:
-    return {"model": model_spec, "num_samples": num_samples, **asdict(s)}
-
-
-# ---------------------------------------------------------------------------------------
-# The generate stage: one process's shard of one fraction of a split
-# ---------------------------------------------------------------------------------------
-
-def generate_split(cfg) -> Path | None:
-    """Generate (and with cfg.score, score) this process's shard; returns its path.
-
-    A complete shard is skipped unless cfg.overwrite; under `accelerate launch` each process
-    writes its own contiguous slice of the fraction.
-    """
-    import sys
-
-    from accelerate import PartialState
-
-    from selfplay.data.formats import read_for
-    from selfplay.errors import SelfplayError
-    from selfplay.models import load_model
-    from selfplay.scoring import score_shard_rows
-
-    # cpu=True lets accelerate form a gloo process group when there is no GPU.
-    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
-    examples = read_for(cfg).examples
-    start, end = fraction(len(examples), cfg.data_frac, cfg.frac_len)
-    if start >= len(examples):
-        last = (len(examples) - 1) // cfg.frac_len
-        raise SelfplayError(f"--data_frac {cfg.data_frac} is past the end: the split has "
-                            f"{len(examples)} prompts, so with --frac_len {cfg.frac_len} the "
-                            f"last fraction is {last}.")
-    lo, hi = process_slice(end - start, state.process_index, state.num_processes)
-    mine = examples[start + lo:start + hi]
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / shard_name(cfg.split, cfg.data_frac, state.process_index,
-                                state.num_processes)
-    if path.exists() and not cfg.overwrite:
-        print(f"{path} is complete; skipping it (--overwrite to redo).", file=sys.stderr)
-        return path
-    model, tok = load_model(cfg.model_name_or_path, str(state.device) if cfg.device == "auto"
-                            else cfg.device, cfg.dtype)
-    s = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                         cfg.effective_batch_size())
-    prompts = [e.prompt for e in mine]
-    samples = [generate(model, tok, prompts, s, stream=f"{path.name}/{k}",
-                        desc=f"generate {k + 1}/{cfg.num_samples}")
-               for k in range(cfg.num_samples)]
-    settings = settings_record(cfg.model_name_or_path, s, cfg.num_samples)
-    rows = [{"prompt_id": e.prompt_id, "prompt": e.prompt, "reference": e.reference,
-             "responses": [gs[i].text for gs in samples],
-             "response_tokens": [gs[i].n_tokens for gs in samples],
-             "finish_reasons": [gs[i].finish_reason for gs in samples],
-             "extra": e.extra, "settings": settings} for i, e in enumerate(mine)]
-    if cfg.score:
-        score_shard_rows(model, tok, rows, cfg.model_name_or_path, cfg.max_length,
-                         cfg.max_prompt_length, cfg.effective_batch_size(),
-                         cfg.logprob_chunk_size)
-    write_jsonl_atomic(path, rows)
-    n = sum(len(r["responses"]) for r in rows)
-    cut = sum(f == "length" for r in rows for f in r["finish_reasons"])
-    print(f"wrote {path}: {len(rows)} prompts, {n} responses, {cut} cut by --max_new_tokens",
-          file=sys.stderr)
-    if state.is_main_process and rows:
-        r = rows[0]
-        print(f"\n[{r['prompt_id']}] {r['prompt'][-1]['content']}\n-> {r['responses'][0]}",
-              file=sys.stderr)
-    return path

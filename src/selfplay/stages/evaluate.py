@@ -1,17 +1,21 @@
-"""Measure a model on held-out prompts: accuracy, reference likelihood, length, win rate.
+"""`selfplay evaluate`: a model on held-out prompts: accuracy, reference likelihood, length,
+win rate.
 
 Accuracy needs rows with a checkable answer (`family` and `answer`, as the bundled task suite
-writes them); the other measures work on any dataset.
+writes them); the other measures work on any dataset. The reference likelihood is measured
+under the same truncation (max_length, max_prompt_length) as training sees.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-from selfplay.data.formats import Example
+from selfplay.config import DataSettings, ModelSettings, ScoringSettings
+from selfplay.data.formats import Example, held_out_split, read_for
 from selfplay.data.tasks import check
-from selfplay.generation import Generation, SamplingSettings, generate
-from selfplay.scoring import score_texts
+from selfplay.engines.hf import Generation, SamplingSettings, generate
+from selfplay.logprobs import score_texts
+from selfplay.models import load_model
 
 
 def is_checkable(ex: Example) -> bool:
@@ -32,16 +36,15 @@ def win_rate(ours: list[bool | None], theirs: list[bool | None]) -> float | None
 
 
 def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
-             max_length: int = 2048, max_prompt_length: int = 1024, chunk_size: int = 1024,
-             desc: str = "evaluate") -> dict:
+             scoring: ScoringSettings, desc: str = "evaluate") -> dict:
     """Greedy generation on every prompt, then the measures; per-row results under `rows`."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0,
                                 batch_size=batch_size)
     gens = generate(model, tokenizer, [e.prompt for e in examples], settings, desc=desc)
     right = correctness(examples, gens)
     scored = score_texts(model, tokenizer, [(e.prompt, [e.reference]) for e in examples],
-                         max_length, max_prompt_length, batch_size, chunk_size,
-                         desc="reference likelihood")
+                         scoring.max_length, scoring.max_prompt_length, batch_size,
+                         scoring.logprob_chunk_size, desc="reference likelihood")
     logp = sum(s[0][0] for s in scored)
     ntok = sum(s[1][0] for s in scored)
     fam: dict[str, list[bool]] = defaultdict(list)
@@ -64,27 +67,25 @@ def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, bat
     }
 
 
-def evaluate_models(cfg, model_spec: str, baseline: str | None = None,
+def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: int,
+                    scoring: ScoringSettings, baseline: str | None = None,
                     baseline_rows: list[dict] | None = None) -> dict:
-    """Evaluate a model on cfg's held-out split (the suite's test split by default).
+    """Evaluate `model` on the held-out split of `data` (the suite's test split by default).
 
     With `baseline` (a model) or `baseline_rows` (a previous evaluation's rows), adds the
     head-to-head win rate and, for a model, the baseline's own measures.
     """
-    from selfplay.data.formats import BUILTIN_TASKS, read_for
-    from selfplay.models import load_model
-
-    split = "test" if cfg.dataset == BUILTIN_TASKS and cfg.split == "train" else cfg.split
-    examples = read_for(cfg, split).examples
+    split = held_out_split(data)
+    examples = read_for(data, split).examples
 
     def run(spec: str, label: str) -> dict:
-        model, tok = load_model(spec, cfg.device, cfg.dtype)
-        r = evaluate(model, tok, examples, cfg.max_new_tokens, cfg.effective_batch_size(),
-                     chunk_size=cfg.logprob_chunk_size, desc=f"evaluate {label}")
+        lm, tok = load_model(spec, model.device, model.dtype)
+        r = evaluate(lm, tok, examples, max_new_tokens, model.inference_batch_size(), scoring,
+                     desc=f"evaluate {label}")
         r["model"] = spec
         return r
 
-    result = run(model_spec, "model")
+    result = run(model.model_name_or_path, "model")
     if baseline:
         base = run(baseline, "baseline")
         baseline_rows = base.pop("rows")
@@ -92,7 +93,7 @@ def evaluate_models(cfg, model_spec: str, baseline: str | None = None,
     if baseline_rows is not None:
         result["win_rate"] = win_rate([r["correct"] for r in result["rows"]],
                                       [r["correct"] for r in baseline_rows])
-    result.update({"dataset": cfg.dataset, "split": split})
+    result.update({"dataset": data.dataset, "split": split})
     return result
 
 

@@ -19,7 +19,6 @@ manifest recorded, every later stage is invalidated and redone: nothing stale su
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.metadata as md
 import json
@@ -28,13 +27,23 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from selfplay.config import RESUMABLE_KEYS, Config
-from selfplay.errors import SelfplayError
-from selfplay.generation import write_json_atomic
+from huggingface_hub import HfApi
 
-MANIFEST = "manifest.json"
+from selfplay.config import RESUMABLE_KEYS, Config, ConvertSettings, DataSettings
+from selfplay.data.formats import held_out_split, read_for
+from selfplay.data.run_layout import RunLayout
+from selfplay.data.shards import write_json_atomic
+from selfplay.errors import SelfplayError
+from selfplay.judges import Judge, make_judge
+from selfplay.stages.convert import convert
+from selfplay.stages.evaluate import evaluate_models
+from selfplay.stages.generate import generate
+from selfplay.stages.rank import rank
+from selfplay.stages.report import write_report
+from selfplay.stages.train import train
 
 
 def _sha256(paths: list[Path]) -> dict[str, str]:
@@ -61,16 +70,16 @@ def _fault(key: str) -> None:
 
 
 class Manifest:
-    def __init__(self, run_dir: Path, cfg: Config):
-        self.path = run_dir / MANIFEST
-        recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_KEYS}
+    def __init__(self, layout: RunLayout, cfg: Config):
+        self.path = layout.manifest
+        recipe = {k: v for k, v in cfg.flat().items() if k not in RESUMABLE_KEYS}
         if self.path.exists():
             self.data = json.loads(self.path.read_text())
             old = self.data["recipe"]
             diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
-            if diff and not cfg.force:
+            if diff and not cfg.run.force:
                 raise SelfplayError(
-                    f"{run_dir} was started with another recipe ({', '.join(diff)} differ: "
+                    f"{layout.root} was started with another recipe ({', '.join(diff)} differ: "
                     + "; ".join(f"{k} {old.get(k)!r} -> {recipe.get(k)!r}" for k in diff[:4])
                     + "); use the same recipe to resume, another --output_dir, or --force.")
             self.data["recipe"] = recipe
@@ -78,7 +87,7 @@ class Manifest:
             self.data = {"recipe": recipe, "stages": {}, "created": time.time()}
         self.data["versions"] = {p: _version(p) for p in (
             "selfplay", "torch", "transformers", "accelerate", "peft", "datasets")}
-        self.data["seeds"] = {"seed": cfg.seed, "tasks_seed": cfg.tasks_seed}
+        self.data["seeds"] = {"seed": cfg.job.seed, "tasks_seed": cfg.data.tasks_seed}
         self.save()
 
     def save(self) -> None:
@@ -122,24 +131,23 @@ def _version(pkg: str) -> str:
         return "not installed"
 
 
-def stage_names(cfg: Config) -> tuple[str, ...]:
-    if cfg.method == "sppo":
+def stage_names(method: str) -> tuple[str, ...]:
+    if method == "sppo":
         return ("generate", "rank", "convert", "train", "evaluate")
     return ("generate", "convert", "train", "evaluate")
 
 
 def stage_order(cfg: Config) -> list[str]:
     keys = ["base/evaluate"]
-    for t in range(cfg.from_iteration, cfg.num_iterations):
-        keys += [f"iter{t}/{s}" for s in stage_names(cfg)]
+    for t in range(cfg.run.from_iteration, cfg.run.num_iterations):
+        keys += [f"iter{t}/{s}" for s in stage_names(cfg.run.method)]
     return keys
 
 
-def judge_win_rate(cfg: Config, judge, new_rows: list[dict], old_rows: list[dict]) -> float:
+def judge_win_rate(data: DataSettings, judge: Judge, new_rows: list[dict],
+                   old_rows: list[dict]) -> float:
     """The judge's mean P(θ_{t+1}'s answer ≻ θ_t's) on the held-out prompts."""
-    from selfplay.data.formats import BUILTIN_TASKS, read_for
-    split = "test" if cfg.dataset == BUILTIN_TASKS and cfg.split == "train" else cfg.split
-    examples = read_for(cfg, split).examples
+    examples = read_for(data, held_out_split(data)).examples
     ps = [judge.matrix(e.prompt, [a["response"], b["response"]], e.extra)[0][1]
           for e, a, b in zip(examples, new_rows, old_rows)]
     return sum(ps) / len(ps)
@@ -147,92 +155,82 @@ def judge_win_rate(cfg: Config, judge, new_rows: list[dict], old_rows: list[dict
 
 def run(cfg: Config) -> Path:
     """All iterations of cfg; returns the run directory."""
-    from selfplay.evaluation import evaluate_models
-    from selfplay.generation import generate_split
-    from selfplay.judges import make_judge, rank_shards
-    from selfplay.report import write_report
-    from selfplay.training import train
-
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(out, cfg)
+    layout = RunLayout(Path(cfg.job.output_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(layout, cfg)
     order = stage_order(cfg)
-    sft = cfg.model_name_or_path
+    sft = cfg.model.model_name_or_path
 
     # Every evaluation reads the whole held-out split: max_prompts sizes the train prompts.
-    base_eval = out / "base" / "eval.json"
-    manifest.stage("base/evaluate", [base_eval], lambda: write_json_atomic(
-        base_eval, evaluate_models(dataclasses.replace(cfg, max_prompts=0), sft)), order=order)
+    held_out = replace(cfg.data, max_prompts=0)
+    manifest.stage("base/evaluate", [layout.base_eval], lambda: write_json_atomic(
+        layout.base_eval, evaluate_models(cfg.model, held_out, cfg.generation.max_new_tokens,
+                                          cfg.scoring)), order=order)
     theta = sft
-    prev_eval = base_eval
-    judge = make_judge(cfg.judge, cfg.reward_model, cfg.pairrm_estimator) \
-        if cfg.method == "sppo" else None
-    for t in range(cfg.from_iteration, cfg.num_iterations):
+    prev_eval = layout.base_eval
+    judge = make_judge(cfg.rank) if cfg.run.method == "sppo" else None
+    for t in range(cfg.run.from_iteration, cfg.run.num_iterations):
         c = cfg.for_iteration(t)
-        it = out / f"iter{t}"
-        gen_dir, pairs_dir, model_dir, eval_path = (it / "generated", it / "pairs", it / "model",
-                                                    it / "eval.json")
+        it = layout.iteration(t)
+        train_data = replace(c.data, split="train")
         # SPIN trains on every generated row, so θ_t scores them while it is loaded. SPPO
         # trains on 2 of K responses, and only for prompts whose samples do not all tie: the
         # trainer scores those few once with θ_t, its own starting model, before training.
-        gen_cfg = dataclasses.replace(c, model_name_or_path=theta, output_dir=str(gen_dir),
-                                      split="train", data_frac=0, frac_len=0,
-                                      score=c.method != "sppo", overwrite=False)
-        manifest.stage(f"iter{t}/generate", [gen_dir], lambda: generate_split(gen_cfg),
-                       order=order)
-        shards = gen_dir
-        if c.method == "sppo":
-            shards = it / "ranked"
+        gen = replace(c.generation, data_frac=0, frac_len=0, score=c.run.method != "sppo")
+        manifest.stage(f"iter{t}/generate", [it.generated], lambda: generate(
+            replace(c.model, model_name_or_path=theta), train_data, gen, c.scoring,
+            it.generated, seed=c.job.seed), order=order)
+        shards = it.generated
+        if c.run.method == "sppo":
+            shards = it.ranked
             manifest.stage(f"iter{t}/rank", [shards],
-                           lambda: rank_shards(gen_dir, shards, judge), order=order)
-        manifest.stage(f"iter{t}/convert", [pairs_dir / "train_prefs-00000-of-00001.parquet"],
-                       lambda: _convert_nonempty(shards, pairs_dir, t), order=order)
-        data = str(pairs_dir)
-        if c.data_policy == "previous_and_current" and t > cfg.from_iteration:
-            data = f"{out / f'iter{t - 1}' / 'pairs'}:1.0,{pairs_dir}:1.0"
-        train_cfg = dataclasses.replace(
-            c, model_name_or_path=theta if c.start_from == "previous" else sft,
-            reference_model=theta, dataset=data, split="train", max_prompts=0,
-            output_dir=str(model_dir), resume=True, overwrite=False)
-        weights = model_dir / ("model.safetensors" if not c.use_peft or c.merge_adapter
-                               else "adapter_model.safetensors")
-        manifest.stage(f"iter{t}/train", [weights, model_dir / "training_complete.json"],
-                       lambda: train(train_cfg), order=order)
+                           lambda: rank(it.generated, it.ranked, judge), order=order)
+        manifest.stage(f"iter{t}/convert", [it.train_pairs],
+                       lambda: _convert_nonempty(shards, it.pairs, t), order=order)
+        sources = [(str(it.pairs), 1.0)]
+        if c.run.data_policy == "previous_and_current" and t > cfg.run.from_iteration:
+            sources.insert(0, (str(layout.iteration(t - 1).pairs), 1.0))
+        start = theta if c.run.start_from == "previous" else sft
+        weights = it.model.weights(adapter_only=c.lora.use_peft and not c.lora.merge_adapter)
+        manifest.stage(f"iter{t}/train", [weights, it.model.complete], lambda: train(
+            replace(c.model, model_name_or_path=start), replace(train_data, max_prompts=0),
+            sources, c.scoring, replace(c.training, reference_model=theta, resume=True),
+            c.lora, it.model.root, seed=c.job.seed), order=order)
         prev_rows = json.loads(prev_eval.read_text())["rows"]
-        eval_cfg = dataclasses.replace(c, max_prompts=0)
+        eval_data = replace(c.data, max_prompts=0)
 
         def evaluate_iteration():
-            result = evaluate_models(eval_cfg, str(model_dir), baseline_rows=prev_rows)
+            result = evaluate_models(replace(c.model, model_name_or_path=str(it.model.root)),
+                                     eval_data, c.generation.max_new_tokens, c.scoring,
+                                     baseline_rows=prev_rows)
             if judge is not None:
-                result["judge_win_rate"] = judge_win_rate(eval_cfg, judge, result["rows"],
+                result["judge_win_rate"] = judge_win_rate(eval_data, judge, result["rows"],
                                                           prev_rows)
                 result["judge"] = judge.name
-            write_json_atomic(eval_path, result)
+            write_json_atomic(it.eval, result)
 
-        manifest.stage(f"iter{t}/evaluate", [eval_path], evaluate_iteration, order=order)
-        theta, prev_eval = str(model_dir), eval_path
-    table = write_report(out)
+        manifest.stage(f"iter{t}/evaluate", [it.eval], evaluate_iteration, order=order)
+        theta, prev_eval = str(it.model.root), it.eval
+    table = write_report(layout.root)
     print(table)
-    if cfg.push_to_hub:
-        push(Path(theta), cfg.push_to_hub)
-    return out
+    if cfg.run.push_to_hub:
+        push(Path(theta), cfg.run.push_to_hub)
+    return layout.root
 
 
 def _convert_nonempty(shards: Path, pairs_dir: Path, t: int) -> None:
     """convert, failing with the reason when the iteration has nothing to train on."""
-    from selfplay.data.pairs import convert
-    train = convert(shards, pairs_dir)["splits"].get("train", {})
-    if not train.get("pairs"):
+    report = convert(ConvertSettings(shards_dir=str(shards)), pairs_dir)
+    train = report.splits.get("train")
+    if train is None or not train.pairs:
         raise SelfplayError(
             f"iteration {t} has no training pairs: the judge tied all K samples of all "
-            f"{train.get('prompts', 0)} prompts; use more prompts (--max_prompts), samples "
+            f"{train.prompts if train else 0} prompts; use more prompts (--max_prompts), samples "
             "(--num_samples) or new tokens (--max_new_tokens).")
 
 
 def push(model_dir: Path, repo_id: str) -> None:
     """Upload the final model, only because the user asked (--push_to_hub NAME)."""
-    from huggingface_hub import HfApi
-
     try:
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True, private=True)

@@ -1,0 +1,1 @@
+"""Generation engines: `hf` (our batched decoder on transformers models)."""

@@ -1,0 +1,110 @@
+"""`selfplay convert` (SPIN step 1.5): generation shards in, pairs out, in the published layouts.
+
+Generation shards give SPIN pairs (`real`, `generated`; one per response: SPIN generates one,
+K samples give K); ranked shards (`selfplay rank`) give SPPO pairs (`chosen`, `rejected`,
+`chosen_probs`, `chosen_probs_win`, `chosen_probs_lose`; prompts whose K responses all tie are
+left out and counted). Output: `{train,test}_prefs-00000-of-00001.parquet`, so that published
+datasets and ours are interchangeable, plus `convert_report.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from selfplay.config import ConvertSettings
+from selfplay.data.pairs import (ConvertReport, PreferencePair, ScoreStamp, SplitReport,
+                                 write_pairs)
+from selfplay.data.shards import (CONVERT_REPORT, ShardRow, find_shards, pairs_file, read_shard,
+                                  write_json_atomic)
+from selfplay.errors import SelfplayError
+from selfplay.judges.preferences import sppo_pair
+
+SPLITS = ("train", "test")
+
+
+def _scalar_extras(extra: dict) -> dict:
+    return {k: v for k, v in extra.items() if isinstance(v, (str, int, float, bool))}
+
+
+def _stamp(r: ShardRow) -> ScoreStamp | None:
+    return ScoreStamp.from_json(r.score_settings) if r.scored else None
+
+
+def spin_pairs(rows: list[ShardRow]) -> list[PreferencePair]:
+    """One SPIN pair per generated response: the dataset's answer against θ_t's."""
+    return [PreferencePair(
+        prompt_id=r.prompt_id, prompt=r.prompt, chosen=r.reference, rejected=resp,
+        rejected_tokens=r.response_tokens[k], finish_reason=r.finish_reasons[k],
+        ref_logp_chosen=r.ref_logp_reference, ref_ntok_chosen=r.ref_ntok_reference,
+        ref_logp_rejected=r.ref_logp_responses[k] if r.scored else None,
+        ref_ntok_rejected=r.ref_ntok_responses[k] if r.scored else None,
+        scored_with=_stamp(r), extra=_scalar_extras(r.extra))
+        for r in rows for k, resp in enumerate(r.responses)]
+
+
+def sppo_pairs(rows: list[ShardRow]) -> tuple[list[PreferencePair], int]:
+    """The SPPO pair of each ranked prompt, and how many prompts tied throughout."""
+    pairs, ties = [], 0
+    for r in rows:
+        c = sppo_pair(r.matrix)
+        if c is None:
+            ties += 1
+            continue
+        w, l = c.chosen_index, c.rejected_index
+        pairs.append(PreferencePair(
+            prompt_id=r.prompt_id, prompt=r.prompt, chosen=r.responses[w],
+            rejected=r.responses[l], finish_reason=r.finish_reasons[l],
+            ref_logp_chosen=r.ref_logp_responses[w] if r.scored else None,
+            ref_logp_rejected=r.ref_logp_responses[l] if r.scored else None,
+            scored_with=_stamp(r), chosen_probs=c.chosen_probs,
+            chosen_probs_win=c.chosen_probs_win, chosen_probs_lose=c.chosen_probs_lose,
+            judge=r.judge, extra=_scalar_extras(r.extra)))
+    return pairs, ties
+
+
+def convert(settings: ConvertSettings, out_dir: Path) -> ConvertReport:
+    """Merge the shards of settings.shards_dir into pair files in out_dir."""
+    shards_dir, out_dir = Path(settings.shards_dir), Path(out_dir)
+    if not shards_dir.is_dir():
+        raise SelfplayError(f"shard directory {shards_dir} does not exist.")
+    report = ConvertReport(str(shards_dir))
+    for split in SPLITS:
+        # As in the official convert_data.py, --num_fracs counts train fractions; the test split
+        # is generated once, whole, as fraction 0.
+        files, missing = find_shards(shards_dir, split,
+                                     settings.num_fracs if split == "train" else 0)
+        if not files and not missing:
+            continue
+        if missing and not settings.allow_missing_shards:
+            raise SelfplayError(f"{shards_dir}: missing {'; '.join(missing)} (generate them, or "
+                                "pass --allow_missing_shards to convert what is there).")
+        rows, seen, dups = [], set(), 0
+        for f in files:
+            for row in read_shard(f):
+                if row.prompt_id in seen:
+                    dups += 1
+                    continue
+                seen.add(row.prompt_id)
+                rows.append(row)
+        ranked = bool(rows) and rows[0].ranked
+        pairs, ties = sppo_pairs(rows) if ranked else (spin_pairs(rows), 0)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dest = pairs_file(out_dir, split)
+        if pairs:
+            write_pairs(dest, pairs, "sppo" if ranked else "spin")
+        n = len(pairs)
+        report.splits[split] = SplitReport(
+            shards=len(files), missing=missing, prompts=len(rows), pairs=n,
+            duplicate_prompt_ids_dropped=dups, all_tie_prompts_left_out=ties,
+            truncated_share=sum(p.finish_reason == "length" for p in pairs) / n if n else 0.0,
+            scored=bool(pairs) and all(p.has_reference for p in pairs),
+            file=str(dest) if pairs else None,
+            mean_chosen_probs_win=sum(p.chosen_probs_win for p in pairs) / n
+            if ranked and n else None,
+            mean_chosen_probs_lose=sum(p.chosen_probs_lose for p in pairs) / n
+            if ranked and n else None)
+    if not report.splits:
+        raise SelfplayError(f"{shards_dir} holds no generation shards (files named "
+                            "SPLIT-fracNNNNN-rankNNN-ofNNN.jsonl, as `selfplay generate` writes).")
+    write_json_atomic(out_dir / CONVERT_REPORT, report.to_json())
+    return report
