@@ -10,6 +10,7 @@ tokenizer), the SPPO judge the tests' stand-in (prefers longer answers).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -51,8 +52,10 @@ def main(out: Path) -> dict:
     sums = {}
     for name, args in RUNS.items():
         run_dir = out / name
-        if selfplay(["run", "--model", str(model), "--output_dir", str(run_dir), *COMMON,
-                     *args]) != 0:
+        with contextlib.redirect_stdout(sys.stderr):    # stdout: the checksums alone
+            rc = selfplay(["run", "--model", str(model), "--output_dir", str(run_dir), *COMMON,
+                           *args])
+        if rc != 0:
             raise SystemExit(f"the {name} run failed")
         stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
         sums[name] = {stage: rec["checksums"] for stage, rec in stages.items()}

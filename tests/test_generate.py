@@ -134,8 +134,10 @@ def test_scored_logps_match_a_fresh_computation(tiny_model_dir, tiny_model, toke
         assert abs(lp[0].item() - r["ref_logp_reference"]) < 1e-4
         assert abs(lp[1].item() - r["ref_logp_responses"][0]) < 1e-4
         assert n.tolist() == [r["ref_ntok_reference"], r["ref_ntok_responses"][0]]
+    from selfplay.models import fingerprint
     assert rows[0]["score_settings"] == {"model": str(tiny_model_dir), "max_length": 40,
-                                         "max_prompt_length": 24}
+                                         "max_prompt_length": 24,
+                                         "fingerprint": fingerprint(str(tiny_model_dir))}
 
 
 def test_score_command_on_published_pairs(tiny_model_dir, tmp_path):

@@ -48,3 +48,18 @@ def test_default_model_loads_from_cache_renders_and_generates():
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
     out = generate(model, tok, [msgs], SamplingSettings(max_new_tokens=24, batch_size=1))[0]
     assert out.text.strip() and "Paris" in out.text
+
+
+def test_fingerprint_follows_the_weights_not_the_name(tiny_model_dir, tmp_path, tokenizer):
+    import shutil
+
+    from conftest import make_tiny_model
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert models.fingerprint(str(copy)) == models.fingerprint(str(tiny_model_dir))
+    make_tiny_model(tokenizer, seed=3).save_pretrained(copy)
+    assert models.fingerprint(str(copy)) != models.fingerprint(str(tiny_model_dir))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(SelfplayError, match="no weight files"):
+        models.fingerprint(str(tmp_path / "empty"))

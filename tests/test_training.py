@@ -101,6 +101,37 @@ def test_stored_reference_equals_computed(tiny_model_dir, tmp_path):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
 
 
+def test_stored_reference_is_used_by_weights_not_by_name(tiny_model_dir, tmp_path, tokenizer):
+    """Stored log-probs are valid for the weights that computed them, whatever the path is
+    called: a copy of the scorer under another name uses them; the scorer's own path,
+    overwritten with other weights, does not (it would train against a stale reference)."""
+    import shutil
+
+    from conftest import make_tiny_model
+    from selfplay.data.shards import shard_name, write_jsonl_atomic
+    scorer = tmp_path / "scorer"
+    shutil.copytree(tiny_model_dir, scorer)
+    gen = tmp_path / "gen"
+    rows = [{"prompt_id": r["prompt_id"], "prompt": r["real"][:1],
+             "reference": r["real"][1]["content"], "responses": [r["generated"][1]["content"]],
+             "response_tokens": [1], "finish_reasons": ["eos"], "extra": {}} for r in _pairs(4)]
+    gen.mkdir()
+    write_jsonl_atomic(gen / shard_name("train", 0, 0, 1), rows)
+    assert main(["score", "--model", str(scorer), "--dataset", str(gen),
+                 "--output_dir", str(tmp_path / "scored")]) == 0
+    assert main(["convert", "--input_dir", str(tmp_path / "scored"), "--output_dir",
+                 str(tmp_path / "pairs")]) == 0
+
+    def stored(model, out):
+        assert _train(model, tmp_path / "pairs", tmp_path / out, "--max_steps", "1") == 0
+        return json.loads((tmp_path / out / "training_complete.json").read_text())[
+            "stored_reference"]
+
+    assert stored(tiny_model_dir, "same_weights_other_name") == 4
+    make_tiny_model(tokenizer, seed=7).save_pretrained(scorer)     # same name, other weights
+    assert stored(scorer, "same_name_other_weights") == 0
+
+
 def test_one_forward_pass_per_step(tiny_model_dir, pairs_dir, tmp_path, monkeypatch):
     import selfplay.stages.train as tr
     calls = []

@@ -11,9 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SPIN_LOSSES = ("sigmoid", "hinge")
-
-
 def log_ratios(policy_w, policy_l, ref_w, ref_l) -> tuple[torch.Tensor, torch.Tensor]:
     return policy_w - ref_w, policy_l - ref_l
 

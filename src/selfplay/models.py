@@ -9,7 +9,9 @@ Face checkpoint in the cache; later loads take about a second.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -295,3 +297,60 @@ def merge_lora(peft_model, lora: LoraSettings, base_spec: str, adapter_dir: Path
     peft_model.save_pretrained(adapter_dir)
     base = from_pretrained(AutoModelForCausalLM, resolve(base_spec), dtype=torch.float32)
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+# ---------------------------------------------------------------------------------------
+# Identity of weights
+# ---------------------------------------------------------------------------------------
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+IDENTITY_FILES = ("config.json", "adapter_config.json")
+
+
+def fingerprint(spec: str) -> str:
+    """What a model's log-probs depend on, as 16 hex digits: the SHA-256 of its config and
+    weight files' contents (a hub id: the cached snapshot's commit). Two names of the same
+    weights agree; a checkpoint overwritten in place does not match its old self.
+
+    A file's digest is cached by (path, size, mtime) under the cache directory, so each
+    checkpoint is read once (about 1 s per GB).
+    """
+    src = resolve(spec)
+    if src.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+        cfg = try_to_load_from_cache(src.location, "config.json")
+        commit = Path(cfg).parent.name if isinstance(cfg, str) else "uncached"
+        return hashlib.sha256(f"hub:{src.location}@{commit}".encode()).hexdigest()[:16]
+    root = Path(src.location)
+    files = sorted(p for p in root.iterdir() if p.is_file() and
+                   (p.suffix in WEIGHT_SUFFIXES or p.name in IDENTITY_FILES))
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise SelfplayError(f"{root} holds no weight files (*.safetensors, *.bin) to fingerprint.")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + _file_digest(p).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    book = cache_dir() / "digests.json"
+    try:
+        known = json.loads(book.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    # Entries of files that are gone (a test's temporary checkpoint) are dropped.
+    known = {k: v for k, v in known.items() if Path(k.split("|")[0]).exists()}
+    known[key] = h.hexdigest()
+    book.parent.mkdir(parents=True, exist_ok=True)
+    tmp = book.with_name(f"{book.name}.{os.getpid()}.tmp")   # processes may write at once
+    tmp.write_text(json.dumps(known))
+    tmp.replace(book)
+    return known[key]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -108,6 +109,20 @@ def pairs_file(output_dir: Path, split: str) -> Path:
 def list_shards(directory: Path) -> list[Path]:
     """Every complete shard file in a directory, sorted by name."""
     return sorted(p for p in Path(directory).glob("*.jsonl") if SHARD_RE.match(p.name))
+
+
+def pending(shards: list[Path], out_dir: Path, overwrite: bool, done: str
+            ) -> list[tuple[Path, Path]]:
+    """(shard, its output in out_dir) for each shard a stage has still to process; a finished
+    output is skipped, with a word, unless overwrite."""
+    todo = []
+    for p in shards:
+        dest = Path(out_dir) / p.name
+        if dest.exists() and not overwrite:
+            print(f"{dest} is {done} already; skipping it.", file=sys.stderr)
+        else:
+            todo.append((p, dest))
+    return todo
 
 
 def find_shards(shards_dir: Path, split: str, num_fracs: int) -> tuple[list[Path], list[str]]:

@@ -3,12 +3,11 @@ back with the K×K matrix, each response's win rate against π_t, and the judge'
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from selfplay.data.shards import list_shards, read_shard, write_shard
+from selfplay.data.shards import list_shards, pending, read_shard, write_shard
 from selfplay.errors import SelfplayError
 from selfplay.judges import Judge
 from selfplay.judges.preferences import win_rates
@@ -21,13 +20,7 @@ def rank(shards_dir: Path, out_dir: Path, judge: Judge, overwrite: bool = False)
     if not shards:
         raise SelfplayError(f"{shards_dir} holds no generation shards to rank.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for p in shards:
-        dest = out_dir / p.name
-        written.append(dest)
-        if dest.exists() and not overwrite:
-            print(f"{dest} is ranked already; skipping it.", file=sys.stderr)
-            continue
+    for p, dest in pending(shards, out_dir, overwrite, "ranked"):
         rows = read_shard(p)
         if rows and len(rows[0].responses) < 2:
             raise SelfplayError(f"{p}: ranking needs K >= 2 responses per prompt; generate "
@@ -37,4 +30,4 @@ def rank(shards_dir: Path, out_dir: Path, judge: Judge, overwrite: bool = False)
             r.win_rates = win_rates(r.matrix)
             r.judge = judge.name
         write_shard(dest, rows)
-    return written
+    return [out_dir / p.name for p in shards]

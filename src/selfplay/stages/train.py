@@ -44,7 +44,7 @@ from selfplay.data.shards import write_json_atomic
 from selfplay.errors import SelfplayError
 from selfplay.logprobs import ResponseLogProbs, response_logps
 from selfplay.losses import pair_loss
-from selfplay.models import load_for_training, load_model, save_trained
+from selfplay.models import fingerprint, load_for_training, load_model, save_trained
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
 
 # The loss arguments each SPPO loss takes, and the pair fields they come from.
@@ -89,8 +89,8 @@ def load_pairs(sources: list[tuple[str, float]], data: DataSettings, scoring: Sc
                loss_type: str, reference: ScoreStamp | None, tokenizer
                ) -> tuple[list[TrainPair], PairStats]:
     """Read and tokenize the pairs of every (dataset, share); use stored reference log-probs
-    whose stamp equals `reference` (None: never, e.g. under QLoRA, whose starting policy is the
-    4-bit base, not the model that scored the pairs)."""
+    whose stamp matches `reference` (the same weights and truncation; None: never, as under
+    QLoRA, whose starting policy is the 4-bit base, not the model that scored the pairs)."""
     pairs: list[TrainPair] = []
     stats = PairStats()
     need = LOSS_PROBS.get(loss_type, {})
@@ -105,7 +105,7 @@ def load_pairs(sources: list[tuple[str, float]], data: DataSettings, scoring: Sc
                               scoring.max_prompt_length),
                 truncate(p, response_ids(tokenizer, rec.rejected), scoring.max_length,
                          scoring.max_prompt_length))
-            if reference is not None and rec.has_reference and rec.scored_with == reference:
+            if reference is not None and rec.has_reference and reference.matches(rec.scored_with):
                 pair.ref_chosen, pair.ref_rejected = rec.ref_logp_chosen, rec.ref_logp_rejected
                 stats.stored_reference += 1
             missing = [f for f in need.values() if getattr(rec, f) is None]
@@ -125,10 +125,10 @@ def load_pairs(sources: list[tuple[str, float]], data: DataSettings, scoring: Sc
 # 3. Reference log-probs, computed once
 # ---------------------------------------------------------------------------------------
 
-def _fingerprint(reference: str, scoring: ScoringSettings, load_in_4bit: bool,
-                 pairs: list[TrainPair]) -> str:
-    h = hashlib.sha256(f"{reference}|{scoring.max_length}|{scoring.max_prompt_length}|"
-                       f"{load_in_4bit}".encode())
+def _fingerprint(reference: ScoreStamp, load_in_4bit: bool, pairs: list[TrainPair]) -> str:
+    """The identity of a reference pass: the reference's weights, truncation, and tokens."""
+    h = hashlib.sha256(f"{reference.fingerprint}|{reference.max_length}|"
+                       f"{reference.max_prompt_length}|{load_in_4bit}".encode())
     for p in pairs:
         h.update(repr((p.chosen.input_ids, p.rejected.input_ids)).encode())
     return h.hexdigest()[:16]
@@ -166,10 +166,10 @@ def compute_reference(model, pairs: list[TrainPair], pad_id: int, batch_size: in
 
 
 def reference_logps(model, pairs: list[TrainPair], pad_id: int, accelerator, out: ModelLayout,
-                    *, start: ModelSettings, reference: str, scoring: ScoringSettings,
+                    *, start: ModelSettings, reference: ScoreStamp, chunk: int,
                     training: TrainingSettings, load_in_4bit: bool) -> None:
     """Fill every pair's reference log-probs: from the cache, the pairs, or computed once."""
-    fp = _fingerprint(reference, scoring, load_in_4bit, pairs)
+    fp = _fingerprint(reference, load_in_4bit, pairs)
     if out.reference_cache.exists():
         data = json.loads(out.reference_cache.read_text())
         if data["fingerprint"] == fp:
@@ -181,10 +181,10 @@ def reference_logps(model, pairs: list[TrainPair], pad_id: int, accelerator, out
         raise SelfplayError(f"{out.root} has checkpoints but no {out.reference_cache.name}: the "
                             "reference log-probs of θ_t cannot be recomputed from moved weights; "
                             "start over with --overwrite.")
-    batch, chunk = training.per_device_train_batch_size * 2, scoring.logprob_chunk_size
-    if reference != start.model_name_or_path:
+    batch = training.per_device_train_batch_size * 2
+    if reference.fingerprint != fingerprint(start.model_name_or_path):
         # θ_t is not the starting point (start_from: sft): load it for this pass only.
-        ref, _ = load_model(reference, str(accelerator.device), start.dtype)
+        ref, _ = load_model(reference.model, str(accelerator.device), start.dtype)
         compute_reference(ref, pairs, pad_id, batch, chunk, accelerator)
         del ref
     else:
@@ -271,16 +271,17 @@ def setup(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
     lm, tok = load_for_training(model.model_name_or_path, model.dtype, lora, accelerator.device,
                                 bf16=training.bf16,
                                 gradient_checkpointing=training.gradient_checkpointing)
-    reference = training.reference_model or model.model_name_or_path
-    stamp = None if lora.load_in_4bit else \
-        ScoreStamp(reference, scoring.max_length, scoring.max_prompt_length)
-    pairs, stats = load_pairs(sources, data, scoring, training.loss_type, stamp, tok)
+    ref_spec = training.reference_model or model.model_name_or_path
+    reference = ScoreStamp(ref_spec, scoring.max_length, scoring.max_prompt_length,
+                           fingerprint(ref_spec))
+    pairs, stats = load_pairs(sources, data, scoring, training.loss_type,
+                              None if lora.load_in_4bit else reference, tok)
     if main:
         print(f"{len(pairs)} pairs; {stats.truncated} truncated to max_length "
               f"{scoring.max_length} / max_prompt_length {scoring.max_prompt_length}; "
               f"{stats.stored_reference} with stored reference log-probs", file=sys.stderr)
     reference_logps(lm, pairs, tok.pad_token_id, accelerator, out, start=model,
-                    reference=reference, scoring=scoring, training=training,
+                    reference=reference, chunk=scoring.logprob_chunk_size, training=training,
                     load_in_4bit=lora.load_in_4bit)
 
     wrapped = ResponseLogProbs(lm, scoring.logprob_chunk_size)

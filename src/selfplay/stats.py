@@ -1,0 +1,63 @@
+"""The statistics every evaluation reports: an accuracy's 95% interval, and a paired test of a
+change on the same prompts. Pure functions of counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+Z95 = 1.959963984540054          # the 97.5% quantile of the standard normal
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion k/n (95% by default):
+
+        centre = (p̂ + z²/2n) / (1 + z²/n)
+        half   = z √(p̂(1 − p̂)/n + z²/4n²) / (1 + z²/n)
+
+    Unlike p̂ ± z√(p̂(1 − p̂)/n) it stays inside [0, 1] and does not collapse at 0 or n.
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sign_test(gained: int, lost: int) -> float:
+    """Exact two-sided sign test (exact McNemar) of a paired change: of the prompts whose
+    outcome changed, `gained` went wrong → right and `lost` right → wrong. Under no change each
+    is Binomial(g + l, ½):
+
+        p = min(1, 2 · P(X ≤ min(g, l))),  X ~ Bin(g + l, ½)
+    """
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    k = min(gained, lost)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+@dataclass(frozen=True)
+class PairedChange:
+    """A model against a baseline on the same prompts (rows where both were checked)."""
+    n: int
+    gained: int          # baseline wrong, model right
+    lost: int            # baseline right, model wrong
+    p_value: float       # exact sign test
+
+    @property
+    def delta(self) -> float:
+        """The accuracy difference, model − baseline, on these n prompts."""
+        return (self.gained - self.lost) / self.n if self.n else 0.0
+
+
+def paired_change(ours: list[bool | None], theirs: list[bool | None]) -> PairedChange:
+    both = [(a, b) for a, b in zip(ours, theirs) if a is not None and b is not None]
+    gained = sum(a and not b for a, b in both)
+    lost = sum(b and not a for a, b in both)
+    return PairedChange(len(both), gained, lost, sign_test(gained, lost))

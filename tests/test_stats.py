@@ -1,0 +1,43 @@
+"""The statistics of every evaluation, against values computed by hand."""
+
+import math
+
+import pytest
+
+from selfplay.stats import paired_change, sign_test, wilson_interval
+
+
+def test_wilson_interval_by_hand():
+    """35 of 200 (17.5%): p̂ = 0.175, z = 1.96, z²/n = 0.019208;
+    centre = (0.175 + 0.0096037) / 1.0192073 = 0.181125;
+    half = 1.96 √(0.000721875 + 0.0000240091) / 1.0192073 = 0.052520;
+    → [0.1286, 0.2336]."""
+    lo, hi = wilson_interval(35, 200)
+    assert lo == pytest.approx(0.12860, abs=2e-5) and hi == pytest.approx(0.23365, abs=2e-5)
+
+
+def test_wilson_interval_at_the_edges():
+    """0 of 10: [0, z²/(n + z²)] = [0, 3.8415/13.8415] = [0, 0.2775]; n = 0: no information."""
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(3.841459 / 13.841459, abs=1e-6)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_sign_test_by_hand():
+    """27 gained, 16 lost (the SPPO default run): 2 · Σ_{i≤16} C(43, i) / 2⁴³ = 0.1263."""
+    assert sign_test(27, 16) == pytest.approx(2 * sum(math.comb(43, i) for i in range(17))
+                                              / 2 ** 43)
+    assert sign_test(27, 16) == pytest.approx(0.1263, abs=1e-4)
+    assert sign_test(16, 27) == sign_test(27, 16)
+    """6 gained, 0 lost: 2 / 2⁶ = 0.03125; equal counts: 1; nothing changed: 1."""
+    assert sign_test(6, 0) == pytest.approx(0.03125)
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+
+
+def test_paired_change_counts_only_rows_checked_on_both_sides():
+    ours = [True, True, False, None, True]
+    theirs = [False, True, True, True, False]
+    c = paired_change(ours, theirs)
+    assert (c.n, c.gained, c.lost) == (4, 2, 1)
+    assert c.delta == pytest.approx(0.25) and c.p_value == pytest.approx(1.0)
