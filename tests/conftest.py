@@ -78,3 +78,21 @@ def trl_oracle(tokenizer, tmp_path, rows: list[dict], loss_type: str, beta: floa
     grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
     return policy, ref, batch, loss, grads
+
+
+def kill_after_first_checkpoint(args: list[str], out: Path, timeout: float = 120) -> None:
+    """Run `python -m selfplay ARGS` and kill -9 it once its first checkpoint in `out` is
+    complete: an interrupted training to resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "selfplay", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not list((out / "checkpoints").glob("step-*/trainer_state.json")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the end"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "training_complete.json").exists()

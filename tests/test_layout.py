@@ -3,10 +3,12 @@ project module imported inside a function (except the CLI's lazy command dispatc
 
 The floors, from the ground up (docs/architecture.md draws the same):
   0  errors
-  1  kernels and records: rendering, logprobs, losses, config, data/*, judges/preferences
+  1  kernels and records: rendering, logprobs, losses, stats, config, data/*,
+     judges/preferences
   2  model building and engines: models, engines/*
-  3  judges
-  4  stages that do one thing: generate, score, rank, convert, train, evaluate, report
+  3  judges, the training loop (trainer)
+  4  stages that do one thing: generate, score, rank, convert, sft, train, evaluate, report,
+     compare
   5  the loop: stages/run
   6  the command line: cli, __main__
 """
@@ -22,9 +24,9 @@ PACKAGE = SRC / "selfplay"
 FLOORS = {
     "selfplay.errors": 0,
     "selfplay.rendering": 1, "selfplay.logprobs": 1, "selfplay.losses": 1, "selfplay.config": 1,
-    "selfplay.data": 1, "selfplay.judges.preferences": 1,
+    "selfplay.data": 1, "selfplay.judges.preferences": 1, "selfplay.stats": 1,
     "selfplay.models": 2, "selfplay.engines": 2,
-    "selfplay.judges": 3,
+    "selfplay.judges": 3, "selfplay.trainer": 3,
     "selfplay.stages": 4,
     "selfplay.stages.run": 5,
     "selfplay.cli": 6, "selfplay.__main__": 6, "selfplay": 6,

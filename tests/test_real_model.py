@@ -36,3 +36,15 @@ def test_default_model_trains_and_its_checkpoint_generates(real_pairs, tmp_path,
     rows = read_jsonl(next((tmp_path / "gen").glob("*.jsonl")))
     assert all(r["responses"][0].strip() for r in rows)
     print(mode, repr(rows[0]["responses"][0]))
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_default_model_sft_lowers_the_reference_nll(tmp_path):
+    import json
+    out = tmp_path / "sft"
+    assert main(["sft", "--max_prompts", "32", "--per_device_train_batch_size", "8",
+                 "--num_train_epochs", "2", "--logging_steps", "1", "--output_dir",
+                 str(out)]) == 0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 8 and log[-1]["loss"] < log[0]["loss"]

@@ -1,19 +1,18 @@
-"""The SPIN losses, the trainer against TRL's DPOTrainer, and `selfplay train` end to end."""
+"""`selfplay train` end to end on the tiny model: training, stored reference log-probs, resume,
+LoRA, QLoRA, two processes."""
 
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_parquet
+from conftest import kill_after_first_checkpoint, write_parquet
 from selfplay.cli import main
 
 
@@ -133,7 +132,7 @@ def test_stored_reference_is_used_by_weights_not_by_name(tiny_model_dir, tmp_pat
 
 
 def test_one_forward_pass_per_step(tiny_model_dir, pairs_dir, tmp_path, monkeypatch):
-    import selfplay.stages.train as tr
+    import selfplay.logprobs as tr
     calls = []
     orig = tr.ResponseLogProbs.forward
 
@@ -154,15 +153,7 @@ def test_resume_reaches_the_same_weights(tiny_model_dir, pairs_dir, tmp_path):
     full = tmp_path / "full"
     assert main(["train", "--output_dir", str(full), *args]) == 0
     cut = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "selfplay", "train", "--output_dir", str(cut), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((cut / "checkpoints").glob("step-*/trainer_state.json")):
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the end"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "training_complete.json").exists()
+    kill_after_first_checkpoint(["train", "--output_dir", str(cut), *args], cut)
     assert main(["train", "--output_dir", str(cut), "--resume", *args]) == 0
     a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys()
@@ -240,7 +231,7 @@ def test_mixture_takes_the_first_share_of_each(tiny_model_dir, pairs_dir, tmp_pa
 
 def test_epoch_batches_are_seeded_grouped_and_split_evenly():
     import random
-    from selfplay.stages.train import epoch_batches
+    from selfplay.trainer import epoch_batches
     rnd = random.Random(0)
     lengths = [rnd.randint(20, 300) for _ in range(103)]
     a = epoch_batches(lengths, 4, 1, seed=1, epoch=0)

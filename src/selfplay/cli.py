@@ -23,6 +23,7 @@ class Command:
     run: Callable[[Config, list[str]], int]
     usage: str
     positionals: tuple[str, ...] = ()   # required positional arguments besides the recipe
+    more_positionals: bool = False      # and any number after them
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,6 +131,15 @@ def cmd_train(cfg: Config, args: list[str]) -> int:
     return 0
 
 
+def cmd_sft(cfg: Config, args: list[str]) -> int:
+    from selfplay.stages.sft import sft
+
+    out = sft(cfg.model, cfg.data, cfg.scoring, cfg.training, cfg.lora, Path(cfg.job.output_dir),
+              seed=cfg.job.seed, overwrite=cfg.job.overwrite)
+    print(f"model: {out}")
+    return 0
+
+
 def cmd_run(cfg: Config, args: list[str]) -> int:
     from selfplay.stages.run import run
 
@@ -143,6 +153,14 @@ def cmd_report(cfg: Config, args: list[str]) -> int:
 
     print(write_report(args[0]))
     print(f"\nwrote {Path(args[0]) / 'report.md'} and {Path(args[0]) / 'plots'}/")
+    return 0
+
+
+def cmd_compare(cfg: Config, args: list[str]) -> int:
+    from selfplay.stages.compare import compare
+
+    print(compare([Path(a) for a in args], Path(cfg.job.output_dir)))
+    print(f"\nwrote {Path(cfg.job.output_dir) / 'compare.md'} and compare.png")
     return 0
 
 
@@ -185,6 +203,11 @@ COMMANDS: dict[str, Command] = {
         "SPPO: a judge compares the K responses of each prompt; writes the K×K win matrix.",
         cmd_rank, "selfplay rank --input_dir SHARDS_DIR [--judge rule|reward-model|pairrm|"
         "module:function] [--output_dir OUT]"),
+    "sft": Command(
+        "Supervised fine-tuning on prompts and reference answers: makes SPIN's starting model "
+        "θ_0; full, LoRA or QLoRA.", cmd_sft, "selfplay sft [RECIPE.yaml] [--key value ...]\n"
+        "       accelerate launch --config_file recipes/accelerate/multi_gpu.yaml -m selfplay "
+        "sft ..."),
     "train": Command(
         "SPIN step 2: θ_{t+1} from θ_t on real/generated pairs, θ_t as reference; full, LoRA or "
         "QLoRA.", cmd_train, "selfplay train [RECIPE.yaml] [--key value ...]\n"
@@ -195,6 +218,10 @@ COMMANDS: dict[str, Command] = {
         "writes a report.", cmd_run, "selfplay run [RECIPE.yaml] [--key value ...]"),
     "report": Command("A markdown report with plots of a run directory.", cmd_report,
                       "selfplay report RUN_DIR", positionals=("RUN_DIR",)),
+    "compare": Command("Runs side by side (SPIN against the SFT control arm, ...): accuracy with "
+                       "intervals and paired tests per step, one plot.", cmd_compare,
+                       "selfplay compare RUN_DIR RUN_DIR [...] [--output_dir OUT]",
+                       positionals=("RUN_DIR", "RUN_DIR"), more_positionals=True),
     "tasks": Command("The bundled task suite: `selfplay tasks export OUT` writes it as a dataset.",
                      cmd_tasks, "selfplay tasks export OUT [--tasks_train_size N] [--seed S]",
                      positionals=("action", "OUT")),
@@ -244,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = COMMANDS[name]
     try:
         positionals = []
-        while rest and not rest[0].startswith("--") and len(positionals) < len(cmd.positionals):
+        while rest and not rest[0].startswith("--") and not rest[0].endswith((".yaml", ".yml")) \
+                and (len(positionals) < len(cmd.positionals) or cmd.more_positionals):
             positionals.append(rest.pop(0))
         recipe = None
         if rest and not rest[0].startswith("--") and rest[0].endswith((".yaml", ".yml")):

@@ -25,9 +25,10 @@ import yaml
 from selfplay.errors import SelfplayError
 
 # Commands that read a field; `run` reads what its stages read.
-INFER = frozenset({"generate", "score", "evaluate", "train", "run"})
+INFER = frozenset({"generate", "score", "evaluate", "sft", "train", "run"})
 DATA_CMDS = INFER
-TRAIN_CMDS = frozenset({"train", "run"})
+TRAIN_CMDS = frozenset({"sft", "train", "run"})      # the optimizer and schedule
+PAIR_CMDS = frozenset({"train", "run"})               # the pair losses
 
 # What --method sppo changes, for keys the recipe and command line leave unset: the paper's
 # sampling (K = 5, temperature 0.7, top_p 0.9), loss, and data (each iteration its own);
@@ -160,29 +161,33 @@ class ConvertSettings:
 @dataclass
 class TrainingSettings:
     """The optimizer, the loss and the schedule (the official recipe's keys)."""
-    per_device_train_batch_size: int = opt(8, "Pairs per process per step (the paper: 8 on each "
-                                           "of 8 GPUs).", TRAIN_CMDS, command_defaults={"run": 4})
+    per_device_train_batch_size: int = opt(8, "Pairs (sft: examples) per process per step (the "
+                                           "paper: 8 on each of 8 GPUs).", TRAIN_CMDS,
+                                           command_defaults={"run": 4})
     gradient_accumulation_steps: int = opt(1, "Steps whose gradients add up to one update.",
                                            TRAIN_CMDS)
-    num_train_epochs: float = opt(2.0, "Passes over the pairs (the paper: 2 per iteration).",
-                                  TRAIN_CMDS, command_defaults={"run": 1.0})
+    num_train_epochs: float = opt(2.0, "Passes over the pairs (the paper: 2 per iteration) or, "
+                                  "for sft, the examples.", TRAIN_CMDS,
+                                  command_defaults={"run": 1.0, "sft": 1.0})
     max_steps: int = opt(0, "Stop after this many optimizer updates (0: by num_train_epochs).",
                          TRAIN_CMDS)
     learning_rate: float = opt(5e-6, "Peak learning rate (the paper: 5e-7 for zephyr-7b; the "
                                "defaults are sized for the embedded 135M model, see "
-                               "docs/default-run.md).", TRAIN_CMDS, command_defaults={"run": 2e-6})
+                               "docs/default-run.md; sft: 2e-5, as the alignment handbook's "
+                               "zephyr SFT).", TRAIN_CMDS,
+                               command_defaults={"run": 2e-6, "sft": 2e-5})
     lr_scheduler_type: str = opt("linear", "Schedule after warmup.", TRAIN_CMDS,
                                  choices=("linear", "cosine", "constant"))
     warmup_ratio: float = opt(0.1, "Share of the updates spent warming up linearly.", TRAIN_CMDS)
-    optim: str = opt("rmsprop", "Optimizer: rmsprop (the paper) or adamw.", TRAIN_CMDS,
-                     choices=("rmsprop", "adamw"))
+    optim: str = opt("rmsprop", "Optimizer: rmsprop (the SPIN paper) or adamw (sft's default).",
+                     TRAIN_CMDS, choices=("rmsprop", "adamw"), command_defaults={"sft": "adamw"})
     weight_decay: float = opt(0.0, "Weight decay.", TRAIN_CMDS)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: none).", TRAIN_CMDS)
     beta: float = opt(0.1, "β of the loss: how far θ may move from the reference (the paper: "
-                      "0.1, and 5.0 in the last iteration).", TRAIN_CMDS)
+                      "0.1, and 5.0 in the last iteration).", PAIR_CMDS)
     loss_type: str = opt("sigmoid", "sigmoid: SPIN's logistic loss (TRL's name); hinge: "
                          "max(0, 1 - β·margin); sppo (soft), sppo_single, sppo_hard: SPPO's, "
-                         "on pairs with win probabilities.", TRAIN_CMDS,
+                         "on pairs with win probabilities.", PAIR_CMDS,
                          choices=("sigmoid", "hinge", "sppo", "sppo_single", "sppo_hard"))
     bf16: bool = opt(False, "bfloat16 mixed precision (the paper: true, on GPUs).", TRAIN_CMDS)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
@@ -192,7 +197,8 @@ class TrainingSettings:
     logging_steps: int = opt(10, "Log averaged metrics every N updates.", TRAIN_CMDS)
     save_steps: int = opt(0, "Save a resumable checkpoint every N updates (0: only the final "
                           "model).", TRAIN_CMDS)
-    resume: bool = opt(False, "Continue from the last checkpoint in output_dir.", {"train"})
+    resume: bool = opt(False, "Continue from the last checkpoint in output_dir.",
+                       {"sft", "train"})
     reference_model: str = opt("", "The reference π_ref when it is not the starting model "
                                "(empty: the starting model, θ_t).", {"train"})
 
@@ -226,9 +232,18 @@ class RunSettings:
                       "sppo (K samples judged against each other). sppo changes the defaults of "
                       + ", ".join(f"{k} ({v})" for k, v in {**METHOD_DEFAULTS["sppo"],
                                                             **RUN_METHOD_DEFAULTS["sppo"]}.items())
-                      + ".", {"run"}, choices=("spin", "sppo"))
+                      + "; sft is the control arm: each iteration continues supervised fine-tuning "
+                      "on the same prompts with as many updates as a SPIN iteration.", {"run"},
+                      choices=("spin", "sppo", "sft"))
     num_iterations: int = opt(2, "Iterations t = 0 .. T-1; iteration t trains θ_{t+1} from θ_t.",
                               {"run"})
+    sft_epochs: float = opt(0.0, "Epochs of supervised fine-tuning on the train split before "
+                            "iteration 0, which makes θ_0 (the paper starts SPIN from a model "
+                            "fine-tuned on its data); 0: none, θ_0 is the model given.", {"run"})
+    sft_learning_rate: float = opt(2e-5, "Learning rate of that SFT stage (AdamW), and of the "
+                                   "control arm's iterations (--method sft).", {"run"})
+    sft_max_prompts: int = opt(0, "Examples of the train split the SFT stage uses (the first "
+                               "N; 0: all).", {"run"})
     data_policy: str = opt(
         "previous_and_current", "Pairs iteration t trains on: current (its own), or "
         "previous_and_current (iteration t-1's and t's, the paper's choice from iteration 1 on).",
@@ -250,14 +265,17 @@ class RunSettings:
 class JobSettings:
     """Where a command writes, whether it redoes finished work, and its seed."""
     output_dir: str = opt("generated", "Where the command writes its output.",
-                          {"generate", "score", "convert", "evaluate", "rank", "train", "run"},
+                          {"generate", "score", "convert", "evaluate", "rank", "sft", "train",
+                           "run", "compare"},
                           command_defaults={"convert": "pairs", "score": "scored",
+                                            "compare": "compare",
                                             "evaluate": "eval", "train": "checkpoints/spin",
-                                            "run": "runs/spin", "rank": "ranked"})
+                                            "sft": "checkpoints/sft", "run": "runs/spin",
+                                            "rank": "ranked"})
     overwrite: bool = opt(False, "Redo finished work (shards, a trained model) instead of "
-                          "skipping it.", {"generate", "score", "train", "rank"})
+                          "skipping it.", {"generate", "score", "sft", "train", "rank"})
     seed: int = opt(42, "Random seed of sampling, and of data order and initialisation in "
-                    "training.", {"generate", "train", "run"})
+                    "training.", {"generate", "sft", "train", "run"})
 
 
 # (attribute of Config, settings class, heading in `--help`), in the order help lists them.
@@ -299,6 +317,13 @@ class Config:
     def replace(self, **flat: Any) -> "Config":
         """A copy with some flat keys changed."""
         return Config.from_flat({**self.flat(), **flat})
+
+    def sft_training(self, epochs: float) -> "TrainingSettings":
+        """The training settings of an SFT stage inside `selfplay run`: AdamW at
+        sft_learning_rate for `epochs`, the rest (batch, schedule, precision) as the run's."""
+        return dataclasses.replace(self.training, learning_rate=self.run.sft_learning_rate,
+                                   optim="adamw", num_train_epochs=epochs, max_steps=0,
+                                   resume=True)
 
     def for_iteration(self, t: int) -> "Config":
         """This config with iteration t's overrides applied."""
@@ -356,6 +381,10 @@ class Config:
         _need(tr.learning_rate > 0, "--learning_rate must be positive.")
         _need(0 <= tr.warmup_ratio < 1, "--warmup_ratio must lie in [0, 1).")
         _need(tr.beta > 0, "--beta must be positive.")
+        _need(self.run.sft_epochs >= 0 and self.run.sft_learning_rate > 0
+              and self.run.sft_max_prompts >= 0,
+              "--sft_epochs and --sft_max_prompts must be 0 or positive, --sft_learning_rate "
+              "positive.")
         _need(tr.logging_steps > 0, "--logging_steps must be positive.")
         _need(tr.save_steps >= 0, "--save_steps must be 0 (final model only) or positive.")
         _need(lo.lora_r > 0 and lo.lora_alpha > 0, "--lora_r and --lora_alpha must be positive.")

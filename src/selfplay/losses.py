@@ -71,6 +71,19 @@ def sppo_hard(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tenso
     return (lw - 0.5 / beta) ** 2 + (ll + 0.5 / beta) ** 2
 
 
+def sft_nll(policy_logp: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning: the mean negative log-likelihood per reference response token
+    of a batch, prompt tokens masked, as transformers computes it from `labels` (the prompt
+    set to −100):
+
+        L = − Σ_b log πθ(y_b | x_b) / Σ_b |y_b|
+
+    where log πθ(y_b | x_b) is the summed log-prob of sequence b's response tokens. One
+    scalar: a long answer weighs by its tokens, not as one sequence.
+    """
+    return -policy_logp.sum() / n_tokens.sum().clamp(min=1)
+
+
 LOSSES = {"sigmoid": spin_logistic, "hinge": spin_hinge, "sppo": sppo_soft,
           "sppo_single": sppo_single, "sppo_hard": sppo_hard}
 

@@ -48,16 +48,13 @@ class PairedChange:
     n: int
     gained: int          # baseline wrong, model right
     lost: int            # baseline right, model wrong
+    delta: float         # the accuracy difference, model − baseline, on these n prompts
     p_value: float       # exact sign test
-
-    @property
-    def delta(self) -> float:
-        """The accuracy difference, model − baseline, on these n prompts."""
-        return (self.gained - self.lost) / self.n if self.n else 0.0
 
 
 def paired_change(ours: list[bool | None], theirs: list[bool | None]) -> PairedChange:
     both = [(a, b) for a, b in zip(ours, theirs) if a is not None and b is not None]
     gained = sum(a and not b for a, b in both)
     lost = sum(b and not a for a, b in both)
-    return PairedChange(len(both), gained, lost, sign_test(gained, lost))
+    return PairedChange(len(both), gained, lost, (gained - lost) / len(both) if both else 0.0,
+                        sign_test(gained, lost))

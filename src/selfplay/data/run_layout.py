@@ -3,6 +3,7 @@
     RUN_DIR/
       manifest.json  report.md  plots/
       base/eval.json                       the starting model, evaluated once
+      sft/model/  sft/eval.json            with sft_epochs: θ_0, fine-tuned from it
       iter{t}/generated/                   θ_t's shards (SPIN: scored)
       iter{t}/ranked/                      SPPO: the same shards with the judge's matrices
       iter{t}/pairs/train_prefs-….parquet  convert's pairs, and convert_report.json
@@ -114,6 +115,11 @@ class RunLayout:
     @property
     def base_eval(self) -> Path:
         return self.root / "base" / "eval.json"
+
+    @property
+    def sft(self) -> IterationLayout:
+        """The SFT stage before iteration 0: its model and evaluation."""
+        return IterationLayout(self.root / "sft")
 
     def iteration(self, t: int) -> IterationLayout:
         return IterationLayout(self.root / f"iter{t}")

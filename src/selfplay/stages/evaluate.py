@@ -16,6 +16,7 @@ from selfplay.data.tasks import check
 from selfplay.engines.hf import Generation, SamplingSettings, generate
 from selfplay.logprobs import score_texts
 from selfplay.models import load_model
+from selfplay.stats import paired_change, wilson_interval
 
 
 def is_checkable(ex: Example) -> bool:
@@ -55,7 +56,10 @@ def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, bat
     return {
         "n": len(examples),
         "accuracy": (sum(checked) / len(checked)) if checked else None,
-        "per_family": {f: {"n": len(v), "accuracy": sum(v) / len(v)} for f, v in sorted(fam.items())},
+        "accuracy_ci95": list(wilson_interval(sum(checked), len(checked))) if checked else None,
+        "per_family": {f: {"n": len(v), "accuracy": sum(v) / len(v),
+                           "ci95": list(wilson_interval(sum(v), len(v)))}
+                       for f, v in sorted(fam.items())},
         "reference_logp_per_token": logp / max(ntok, 1),
         "mean_response_tokens": sum(g.n_tokens for g in gens) / len(gens),
         "truncated_share": sum(g.finish_reason == "length" for g in gens) / len(gens),
@@ -91,8 +95,9 @@ def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: in
         baseline_rows = base.pop("rows")
         result["baseline"] = base
     if baseline_rows is not None:
-        result["win_rate"] = win_rate([r["correct"] for r in result["rows"]],
-                                      [r["correct"] for r in baseline_rows])
+        ours, theirs = [r["correct"] for r in result["rows"]], [r["correct"] for r in baseline_rows]
+        result["win_rate"] = win_rate(ours, theirs)
+        result["paired"] = vars(paired_change(ours, theirs))
     result.update({"dataset": data.dataset, "split": split})
     return result
 
@@ -115,7 +120,11 @@ def format_table(result: dict, baseline: dict | None = None, name: str = "model"
     line = f"{'overall':<12} {result['n']:>4}  {pct(result['accuracy']):>10}"
     if baseline:
         line += f"  {pct(baseline['accuracy']):>10}"
-    lines += ["-" * len(head), line, ""]
+    lines += ["-" * len(head), line]
+    if result.get("accuracy_ci95"):
+        lo, hi = result["accuracy_ci95"]
+        lines.append(f"{'  95% interval':<17}  {100 * lo:.1f}-{100 * hi:.1f}%")
+    lines.append("")
     rows = [("reference log-lik/token", "reference_logp_per_token", "{:.3f}"),
             ("mean response tokens", "mean_response_tokens", "{:.1f}"),
             ("cut by token limit", "truncated_share", "{:.1%}")]
@@ -126,4 +135,8 @@ def format_table(result: dict, baseline: dict | None = None, name: str = "model"
         lines.append(line)
     if baseline and result.get("win_rate") is not None:
         lines.append(f"{'win rate vs baseline':<24} {result['win_rate']:>10.1%}")
+    if baseline and result.get("paired"):
+        p = result["paired"]
+        lines.append(f"{'paired change':<24} {100 * p['delta']:+9.1f} pts ({p['gained']} gained, "
+                     f"{p['lost']} lost of {p['n']}; sign test p = {p['p_value']:.3g})")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import matplotlib
 from selfplay.data.pairs import ConvertReport, SplitReport
 from selfplay.data.run_layout import RunLayout
 from selfplay.errors import SelfplayError
+from selfplay.stats import paired_change
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back end)
@@ -25,12 +26,18 @@ class ModelRow:
     pairs: SplitReport | None = None
 
 
-def _load(layout: RunLayout) -> list[ModelRow]:
+def load_models(layout: RunLayout) -> list[ModelRow]:
     """One entry per model: θ_start, then θ_{t+1} of each finished iteration t."""
     if not layout.base_eval.exists():
         raise SelfplayError(f"{layout.root} holds no evaluation yet (base/eval.json); is it a "
                             "run directory of `selfplay run`?")
     models = [ModelRow("start", json.loads(layout.base_eval.read_text()))]
+    s = layout.sft
+    if s.eval.exists():
+        log = s.model.log
+        models.append(ModelRow("SFT", json.loads(s.eval.read_text()),
+                               [json.loads(x) for x in log.read_text().splitlines()]
+                               if log.exists() else []))
     for t in layout.iterations():
         it = layout.iteration(t)
         if not it.eval.exists():
@@ -47,22 +54,47 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
+def accuracy_cell(e: dict) -> str:
+    """`21.0% (15.9–27.2)`: the accuracy and its 95% Wilson interval."""
+    if e.get("accuracy") is None:
+        return "–"
+    ci = e.get("accuracy_ci95")
+    return _pct(e["accuracy"]) + (f" ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})" if ci else "")
+
+
+def change_cell(p: dict | None) -> str:
+    """`+3.5 pts (27↑ 16↓, p = 0.13)`: a paired change on the same prompts, sign test."""
+    if not p:
+        return "–"
+    return f"{100 * p['delta']:+.1f} pts ({p['gained']}↑ {p['lost']}↓, p = {p['p_value']:.2g})"
+
+
 def table(models: list[ModelRow]) -> str:
-    head = ("| model | accuracy | win rate vs previous | ref. log-lik/token | response tokens "
-            "| cut by limit | final loss | reward margin | reward accuracy |")
+    head = ("| model | accuracy (95% CI) | change vs previous (sign test) | win rate vs previous "
+            "| ref. log-lik/token | response tokens | cut by limit | final loss | reward margin "
+            "| reward accuracy |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for m in models:
         e, tr = m.eval, (m.train[-1] if m.train else {})
+        train = (f"| {tr['loss']:.4f} | {tr['rewards/margins']:.3f} "
+                 f"| {_pct(tr['rewards/accuracies'])} |") if "rewards/margins" in tr else \
+            (f"| {tr['loss']:.4f} | – | – |" if tr else "| – | – | – |")
         lines.append(
-            f"| {m.name} | {_pct(e['accuracy'])} | {_pct(e.get('win_rate'))} "
-            f"| {e['reference_logp_per_token']:.3f} | {e['mean_response_tokens']:.1f} "
-            f"| {_pct(e['truncated_share'])} "
-            f"| {tr['loss']:.4f} | {tr['rewards/margins']:.3f} | {_pct(tr['rewards/accuracies'])} |"
-            if tr else
-            f"| {m.name} | {_pct(e['accuracy'])} | {_pct(e.get('win_rate'))} "
-            f"| {e['reference_logp_per_token']:.3f} | {e['mean_response_tokens']:.1f} "
-            f"| {_pct(e['truncated_share'])} | – | – | – |")
+            f"| {m.name} | {accuracy_cell(e)} | {change_cell(e.get('paired'))} "
+            f"| {_pct(e.get('win_rate'))} | {e['reference_logp_per_token']:.3f} "
+            f"| {e['mean_response_tokens']:.1f} | {_pct(e['truncated_share'])} " + train)
     return "\n".join(lines)
+
+
+def start_to_last(models: list[ModelRow]) -> str:
+    """The paired test from the first model to the last, on the same prompts."""
+    first, last = models[0].eval, models[-1].eval
+    if len(models) < 2 or "rows" not in first or "rows" not in last:
+        return ""
+    p = vars(paired_change([r["correct"] for r in last["rows"]],
+                           [r["correct"] for r in first["rows"]]))
+    return (f"From {models[0].name} to {models[-1].name}: {change_cell(p)} on the same "
+            f"{p['n']} prompts.")
 
 
 def family_table(models: list[ModelRow]) -> str:
@@ -104,8 +136,11 @@ def plots(models: list[ModelRow], out: Path, method: str = "spin") -> list[Path]
     paths = []
     fig, ax = plt.subplots(figsize=(6, 3.6))
     xs = list(range(len(models)))
-    ax.plot(xs, [100 * (m.eval["accuracy"] or 0) for m in models], "o-",
-            label="task accuracy (held-out)")
+    acc = [100 * (m.eval["accuracy"] or 0) for m in models]
+    ci = [m.eval.get("accuracy_ci95") or [m.eval["accuracy"] or 0] * 2 for m in models]
+    ax.errorbar(xs, acc, yerr=[[a - 100 * c[0] for a, c in zip(acc, ci)],
+                               [100 * c[1] - a for a, c in zip(acc, ci)]],
+                fmt="o-", capsize=3, label="task accuracy (held-out), 95% CI")
     wr = [(i, 100 * m.eval["win_rate"]) for i, m in enumerate(models)
           if m.eval.get("win_rate") is not None]
     if wr:
@@ -131,7 +166,9 @@ def plots(models: list[ModelRow], out: Path, method: str = "spin") -> list[Path]
         for m in trained:
             steps = [offset + r["step"] for r in m.train]
             for ax, key in zip(axes, ("loss", "rewards/margins", "rewards/accuracies")):
-                ax.plot(steps, [r[key] for r in m.train], "o-", ms=3, label=m.name)
+                pts = [(x, r[key]) for x, r in zip(steps, m.train) if key in r]  # SFT: loss only
+                if pts:
+                    ax.plot(*zip(*pts), "o-", ms=3, label=m.name)
             offset = steps[-1]
             for ax in axes:
                 ax.axvline(offset, color="grey", lw=0.5)
@@ -151,7 +188,7 @@ def plots(models: list[ModelRow], out: Path, method: str = "spin") -> list[Path]
 def write_report(run_dir: str | Path) -> str:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the iteration table."""
     layout = RunLayout(Path(run_dir))
-    models = _load(layout)
+    models = load_models(layout)
     manifest = json.loads(layout.manifest.read_text()) if layout.manifest.exists() else {}
     recipe = manifest.get("recipe", {})
     pngs = plots(models, layout.plots, recipe.get("method", "spin"))
@@ -162,7 +199,9 @@ def write_report(run_dir: str | Path) -> str:
             "Each row is the model after that iteration, evaluated greedily on the held-out "
             "split; the win rate is against the previous row's model on the same prompts "
             "(right beats wrong, equal counts half); the training columns are the last logged "
-            "values of that iteration.", "", t, ""]
+            "values of that iteration. Accuracy comes with its 95% Wilson interval; a change is "
+            "paired on the same prompts (↑ gained, ↓ lost) with an exact sign test.", "", t, "",
+            start_to_last(models), ""]
     judged = [m for m in models if m.eval.get("judge_win_rate") is not None]
     if judged:
         body += [f"Judge ({judged[0].eval['judge']}) win rate of each iteration's model "

@@ -34,7 +34,7 @@ from huggingface_hub import HfApi
 
 from selfplay.config import RESUMABLE_KEYS, Config, ConvertSettings, DataSettings
 from selfplay.data.formats import held_out_split, read_for
-from selfplay.data.run_layout import RunLayout
+from selfplay.data.run_layout import IterationLayout, RunLayout
 from selfplay.data.shards import write_json_atomic
 from selfplay.errors import SelfplayError
 from selfplay.judges import Judge, make_judge
@@ -43,6 +43,7 @@ from selfplay.stages.evaluate import evaluate_models
 from selfplay.stages.generate import generate
 from selfplay.stages.rank import rank
 from selfplay.stages.report import write_report
+from selfplay.stages.sft import sft as run_sft
 from selfplay.stages.train import train
 
 
@@ -134,11 +135,17 @@ def _version(pkg: str) -> str:
 def stage_names(method: str) -> tuple[str, ...]:
     if method == "sppo":
         return ("generate", "rank", "convert", "train", "evaluate")
+    if method == "sft":
+        return ("sft", "evaluate")
     return ("generate", "convert", "train", "evaluate")
 
 
+def has_sft_stage(cfg: Config) -> bool:
+    return cfg.run.sft_epochs > 0 and cfg.run.from_iteration == 0
+
+
 def stage_order(cfg: Config) -> list[str]:
-    keys = ["base/evaluate"]
+    keys = ["base/evaluate"] + (["sft/train", "sft/evaluate"] if has_sft_stage(cfg) else [])
     for t in range(cfg.run.from_iteration, cfg.run.num_iterations):
         keys += [f"iter{t}/{s}" for s in stage_names(cfg.run.method)]
     return keys
@@ -168,11 +175,34 @@ def run(cfg: Config) -> Path:
                                           cfg.scoring)), order=order)
     theta = sft
     prev_eval = layout.base_eval
+    if has_sft_stage(cfg):     # θ_0 by supervised fine-tuning, the paper's starting point
+        s = layout.sft
+        manifest.stage("sft/train", [_weights(cfg, s), s.model.complete], lambda: run_sft(
+            replace(cfg.model, model_name_or_path=sft),
+            replace(cfg.data, split="train", max_prompts=cfg.run.sft_max_prompts), cfg.scoring,
+            cfg.sft_training(cfg.run.sft_epochs), cfg.lora, s.model.root, seed=cfg.job.seed),
+            order=order)
+        _evaluate_stage(manifest, order, "sft/evaluate", cfg, s, None, layout.base_eval)
+        theta = sft = str(s.model.root)
+        prev_eval = s.eval
     judge = make_judge(cfg.rank) if cfg.run.method == "sppo" else None
     for t in range(cfg.run.from_iteration, cfg.run.num_iterations):
         c = cfg.for_iteration(t)
         it = layout.iteration(t)
         train_data = replace(c.data, split="train")
+        # Iteration t of SPIN trains on previous + current pairs of the same prompts: twice
+        # as many items as one pass, which the control arm matches by seeing each twice.
+        twice = c.run.data_policy == "previous_and_current" and t > cfg.run.from_iteration
+        if c.run.method == "sft":     # the control arm: more SFT, as many updates as SPIN
+            manifest.stage(f"iter{t}/sft", [_weights(c, it), it.model.complete],
+                           lambda: run_sft(
+                               replace(c.model, model_name_or_path=theta), train_data, c.scoring,
+                               c.sft_training(c.training.num_train_epochs), c.lora,
+                               it.model.root, seed=c.job.seed, repeat=2 if twice else 1),
+                           order=order)
+            _evaluate_stage(manifest, order, f"iter{t}/evaluate", c, it, None, prev_eval)
+            theta, prev_eval = str(it.model.root), it.eval
+            continue
         # SPIN trains on every generated row, so θ_t scores them while it is loaded. SPPO
         # trains on 2 of K responses, and only for prompts whose samples do not all tie: the
         # trainer scores those few once with θ_t, its own starting model, before training.
@@ -188,34 +218,43 @@ def run(cfg: Config) -> Path:
         manifest.stage(f"iter{t}/convert", [it.train_pairs],
                        lambda: _convert_nonempty(shards, it.pairs, t), order=order)
         sources = [(str(it.pairs), 1.0)]
-        if c.run.data_policy == "previous_and_current" and t > cfg.run.from_iteration:
+        if twice:
             sources.insert(0, (str(layout.iteration(t - 1).pairs), 1.0))
         start = theta if c.run.start_from == "previous" else sft
-        weights = it.model.weights(adapter_only=c.lora.use_peft and not c.lora.merge_adapter)
-        manifest.stage(f"iter{t}/train", [weights, it.model.complete], lambda: train(
+        manifest.stage(f"iter{t}/train", [_weights(c, it), it.model.complete], lambda: train(
             replace(c.model, model_name_or_path=start), replace(train_data, max_prompts=0),
             sources, c.scoring, replace(c.training, reference_model=theta, resume=True),
             c.lora, it.model.root, seed=c.job.seed), order=order)
-        prev_rows = json.loads(prev_eval.read_text())["rows"]
-        eval_data = replace(c.data, max_prompts=0)
-
-        def evaluate_iteration():
-            result = evaluate_models(replace(c.model, model_name_or_path=str(it.model.root)),
-                                     eval_data, c.generation.max_new_tokens, c.scoring,
-                                     baseline_rows=prev_rows)
-            if judge is not None:
-                result["judge_win_rate"] = judge_win_rate(eval_data, judge, result["rows"],
-                                                          prev_rows)
-                result["judge"] = judge.name
-            write_json_atomic(it.eval, result)
-
-        manifest.stage(f"iter{t}/evaluate", [it.eval], evaluate_iteration, order=order)
+        _evaluate_stage(manifest, order, f"iter{t}/evaluate", c, it, judge, prev_eval)
         theta, prev_eval = str(it.model.root), it.eval
     table = write_report(layout.root)
     print(table)
     if cfg.run.push_to_hub:
         push(Path(theta), cfg.run.push_to_hub)
     return layout.root
+
+
+def _weights(c: Config, it: IterationLayout) -> Path:
+    return it.model.weights(adapter_only=c.lora.use_peft and not c.lora.merge_adapter)
+
+
+def _evaluate_stage(manifest: Manifest, order: list[str], key: str, c: Config,
+                    it: IterationLayout, judge: Judge | None, prev_eval: Path) -> None:
+    """θ_{t+1} on the held-out prompts, paired with the previous model's answers."""
+    eval_data = replace(c.data, max_prompts=0)
+
+    def work():
+        prev_rows = json.loads(prev_eval.read_text())["rows"]
+        result = evaluate_models(replace(c.model, model_name_or_path=str(it.model.root)),
+                                 eval_data, c.generation.max_new_tokens, c.scoring,
+                                 baseline_rows=prev_rows)
+        if judge is not None:
+            result["judge_win_rate"] = judge_win_rate(eval_data, judge, result["rows"],
+                                                      prev_rows)
+            result["judge"] = judge.name
+        write_json_atomic(it.eval, result)
+
+    manifest.stage(key, [it.eval], work, order=order)
 
 
 def _convert_nonempty(shards: Path, pairs_dir: Path, t: int) -> None:

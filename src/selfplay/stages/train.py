@@ -1,40 +1,33 @@
 """`selfplay train` (SPIN step 2): θ_{t+1} from θ_t on preference pairs, θ_t as the reference,
 one model in memory.
 
-`setup` does everything before the first step:
-  1. pairs: read (several datasets mix by share), tokenize once, truncate, count truncations
+`train`, top to bottom:
+  1. accelerate: devices, DDP / DeepSpeed / FSDP from an accelerate config, mixed precision
   2. model: full fine-tuning, LoRA, or QLoRA (models.load_for_training)
-  3. reference log-probs: the ones stored with the pairs when their stamp matches this
-     reference under these truncation settings; otherwise computed once, before the first
-     step, with the starting weights (the adapter disabled under LoRA), and cached in the
-     output directory with a fingerprint, so that a resumed run does not recompute them from
+  3. pairs: read (several datasets mix by share), tokenize once, truncate, count truncations
+  4. reference log-probs: the ones stored with the pairs when their stamp matches this
+     reference's weights and truncation; otherwise computed once, before the first step, with
+     the starting weights (the adapter disabled under LoRA), and cached in the output
+     directory with a fingerprint, so that a resumed run does not recompute them from
      weights that have moved
-  4. accelerate: devices, DDP / DeepSpeed / FSDP from an accelerate config, mixed precision;
-     optimizer, schedule, and the state of an interrupted run
-`loop` is the training loop: one forward pass for [chosen; rejected], loss, backward, clip,
-step, metrics, resumable checkpoints every save_steps. `train` runs both and saves a Hugging
-Face checkpoint (merged LoRA by default).
+  5. the loop (trainer.loop) with `pair_step`: one forward pass for [chosen; rejected], the
+     loss, the official SPIN metrics
+  6. a Hugging Face checkpoint (merged LoRA by default)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import shutil
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
-from torch.utils.tensorboard import SummaryWriter
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from selfplay.config import (DataSettings, LoraSettings, ModelSettings, ScoringSettings,
                              TrainingSettings)
@@ -42,10 +35,11 @@ from selfplay.data.pairs import PreferencePair, ScoreStamp, read_pairs
 from selfplay.data.run_layout import ModelLayout
 from selfplay.data.shards import write_json_atomic
 from selfplay.errors import SelfplayError
-from selfplay.logprobs import ResponseLogProbs, response_logps
+from selfplay.logprobs import response_logps
 from selfplay.losses import pair_loss
-from selfplay.models import fingerprint, load_for_training, load_model, save_trained
+from selfplay.models import fingerprint, load_model
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
+from selfplay.trainer import StepFn, loop, prepare, save_final, skip_if_complete, start
 
 # The loss arguments each SPPO loss takes, and the pair fields they come from.
 LOSS_PROBS = {"sppo": {"p_win": "chosen_probs_win", "p_lose": "chosen_probs_lose"},
@@ -82,7 +76,7 @@ class PairStats:
 
 
 # ---------------------------------------------------------------------------------------
-# 1. Pairs
+# 3. Pairs
 # ---------------------------------------------------------------------------------------
 
 def load_pairs(sources: list[tuple[str, float]], data: DataSettings, scoring: ScoringSettings,
@@ -122,7 +116,7 @@ def load_pairs(sources: list[tuple[str, float]], data: DataSettings, scoring: Sc
 
 
 # ---------------------------------------------------------------------------------------
-# 3. Reference log-probs, computed once
+# 4. Reference log-probs, computed once
 # ---------------------------------------------------------------------------------------
 
 def _fingerprint(reference: ScoreStamp, load_in_4bit: bool, pairs: list[TrainPair]) -> str:
@@ -197,131 +191,7 @@ def reference_logps(model, pairs: list[TrainPair], pad_id: int, accelerator, out
 
 
 # ---------------------------------------------------------------------------------------
-# 4. Setup
-# ---------------------------------------------------------------------------------------
-
-def epoch_batches(lengths: list[int], per_device: int, world: int, seed: int, epoch: int,
-                  group_by_length: bool = True) -> list[list[int]]:
-    """The global batches (per_device x world pair indices each) of one epoch.
-
-    A seeded permutation of the pairs (the same seed and epoch, the same order). With
-    group_by_length, each run of 32 global batches is sorted by pair length before it is cut,
-    and the batches are then shuffled: pairs of similar length share a batch, so padding
-    shrinks (random batches of SPIN pairs on the task suite pad to 2.5x their tokens, grouped
-    ones to 1.3x). The last batch is filled from the start of the permutation when needed so
-    that every process gets the same number of pairs.
-    """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(len(lengths), generator=g).tolist()
-    size = per_device * world
-    if group_by_length:
-        mega = size * 32
-        perm = [i for s in range(0, len(perm), mega)
-                for i in sorted(perm[s:s + mega], key=lambda i: -lengths[i])]
-    batches = [perm[s:s + size] for s in range(0, len(perm), size)]
-    short = -len(batches[-1]) % world
-    batches[-1] = batches[-1] + perm[:short]
-    if group_by_length:
-        order = torch.randperm(len(batches), generator=g).tolist()
-        batches = [batches[i] for i in order]
-    return batches
-
-
-def _optimizer(training: TrainingSettings, params):
-    if training.optim == "rmsprop":   # the paper's choice; torch defaults alpha 0.99, eps 1e-8
-        return torch.optim.RMSprop(params, lr=training.learning_rate,
-                                   weight_decay=training.weight_decay)
-    return torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
-
-
-def _checkpoints(out: ModelLayout) -> list[Path]:
-    d = out.checkpoints
-    return sorted(p for p in d.glob("step-*") if (p / "trainer_state.json").exists()) \
-        if d.exists() else []
-
-
-@dataclass
-class Run:
-    """What the loop needs, made by `setup`."""
-    accelerator: Accelerator
-    model: torch.nn.Module          # the model being trained (PEFT-wrapped under LoRA)
-    wrapped: torch.nn.Module        # its log-prob function, as accelerate prepared it
-    tok: Any
-    optimizer: Any
-    scheduler: Any
-    params: list[torch.nn.Parameter]
-    pairs: list[TrainPair]
-    stats: PairStats
-    batches_of: Callable[[int], list[list[int]]]
-    per_epoch: int                  # updates per epoch
-    total: int                      # updates in all
-    step: int                       # updates done (> 0 when resumed)
-
-
-def setup(model: ModelSettings, data: DataSettings, sources: list[tuple[str, float]],
-          scoring: ScoringSettings, training: TrainingSettings, lora: LoraSettings,
-          out: ModelLayout, seed: int) -> Run:
-    accelerator = Accelerator(cpu=model.device == "cpu" or not torch.cuda.is_available(),
-                              mixed_precision="bf16" if training.bf16 else "no",
-                              gradient_accumulation_steps=training.gradient_accumulation_steps)
-    set_seed(seed)
-    out.root.mkdir(parents=True, exist_ok=True)
-    main = accelerator.is_main_process
-
-    lm, tok = load_for_training(model.model_name_or_path, model.dtype, lora, accelerator.device,
-                                bf16=training.bf16,
-                                gradient_checkpointing=training.gradient_checkpointing)
-    ref_spec = training.reference_model or model.model_name_or_path
-    reference = ScoreStamp(ref_spec, scoring.max_length, scoring.max_prompt_length,
-                           fingerprint(ref_spec))
-    pairs, stats = load_pairs(sources, data, scoring, training.loss_type,
-                              None if lora.load_in_4bit else reference, tok)
-    if main:
-        print(f"{len(pairs)} pairs; {stats.truncated} truncated to max_length "
-              f"{scoring.max_length} / max_prompt_length {scoring.max_prompt_length}; "
-              f"{stats.stored_reference} with stored reference log-probs", file=sys.stderr)
-    reference_logps(lm, pairs, tok.pad_token_id, accelerator, out, start=model,
-                    reference=reference, chunk=scoring.logprob_chunk_size, training=training,
-                    load_in_4bit=lora.load_in_4bit)
-
-    wrapped = ResponseLogProbs(lm, scoring.logprob_chunk_size)
-    params = [p for p in lm.parameters() if p.requires_grad]
-    optimizer = _optimizer(training, params)
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-    lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
-    ga = training.gradient_accumulation_steps
-
-    def batches_of(epoch: int) -> list[list[int]]:
-        return epoch_batches(lengths, training.per_device_train_batch_size,
-                             accelerator.num_processes, seed, epoch, training.group_by_length)
-
-    # An update is exactly `ga` batches; an epoch's few leftover batches (< ga) are dropped.
-    per_epoch = len(batches_of(0)) // ga
-    if per_epoch == 0:
-        raise SelfplayError(f"{len(pairs)} pairs make fewer batches than "
-                            f"--gradient_accumulation_steps {ga}.")
-    total = training.max_steps or math.ceil(training.num_train_epochs * per_epoch)
-    # Stepped by hand once per update: accelerate's wrapper would step it once per process.
-    scheduler = get_scheduler(training.lr_scheduler_type, optimizer,
-                              num_warmup_steps=math.ceil(training.warmup_ratio * total),
-                              num_training_steps=total)
-    accelerator.register_for_checkpointing(scheduler)
-
-    step = 0
-    if not training.resume and main:
-        shutil.rmtree(out.checkpoints, ignore_errors=True)   # stale, from an earlier run
-    if training.resume and _checkpoints(out):
-        last = _checkpoints(out)[-1]
-        accelerator.load_state(str(last))
-        step = json.loads((last / "trainer_state.json").read_text())["step"]
-        if main:
-            print(f"resuming from {last} (update {step} of {total})", file=sys.stderr)
-    return Run(accelerator, lm, wrapped, tok, optimizer, scheduler, params, pairs, stats,
-               batches_of, per_epoch, total, step)
-
-
-# ---------------------------------------------------------------------------------------
-# 5. The loop
+# 5. One step: [chosen; rejected] in one forward pass
 # ---------------------------------------------------------------------------------------
 
 def _metrics(loss_vec, pw, pl, rw, rl, beta, names=("real", "generated")
@@ -335,98 +205,26 @@ def _metrics(loss_vec, pw, pl, rw, rl, beta, names=("real", "generated")
             f"logps/{w}": pw.detach().mean(), f"logps/{l}": pl.detach().mean()}
 
 
-def loop(r: Run, training: TrainingSettings, out: ModelLayout) -> int:
-    """Train from update r.step to r.total; returns the last update's number."""
-    acc_, main = r.accelerator, r.accelerator.is_main_process
-    dev, rank, world = acc_.device, acc_.process_index, acc_.num_processes
-    ga, step = training.gradient_accumulation_steps, r.step
-    if main:   # a resumed run rewrites what came after its checkpoint, never duplicates it
-        kept = [ln for ln in (out.log.read_text().splitlines() if out.log.exists() else [])
-                if json.loads(ln)["step"] <= step]
-        out.log.write_text("".join(ln + "\n" for ln in kept))
-        tb = SummaryWriter(str(out.tensorboard), purge_step=step + 1 if step else None)
-
-    bar = tqdm(total=r.total, initial=step, desc="train", unit="step",
-               disable=not acc_.is_local_main_process, mininterval=1.0)
-    window: dict[str, list[float]] = {}
-    micro: dict[str, list[torch.Tensor]] = {}
-    t0, tokens = time.perf_counter(), 0
+def pair_step(pairs: list[TrainPair], pad_id: int, training: TrainingSettings) -> StepFn:
     names = ("chosen", "rejected") if training.loss_type.startswith("sppo") \
         else ("real", "generated")
     probs_of = LOSS_PROBS.get(training.loss_type, {})
-    epoch = step // r.per_epoch
-    while step < r.total:
-        skip = (step - epoch * r.per_epoch) * ga
-        for gbatch in r.batches_of(epoch)[skip:r.per_epoch * ga]:
-            share = len(gbatch) // world
-            ps = [r.pairs[i] for i in gbatch[rank * share:(rank + 1) * share]]
-            batch = {k: v.to(dev) for k, v in collate(
-                [p.chosen for p in ps] + [p.rejected for p in ps], r.tok.pad_token_id).items()}
-            rw = torch.tensor([p.ref_chosen for p in ps], device=dev)
-            rl = torch.tensor([p.ref_rejected for p in ps], device=dev)
-            with acc_.accumulate(r.wrapped):
-                with acc_.autocast():
-                    logps, _ = r.wrapped(**batch)          # one forward for [chosen; rejected]
-                pw, pl = logps.float().chunk(2)
-                probs = {arg: torch.tensor([getattr(p.record, f) for p in ps], device=dev,
-                                           dtype=torch.float32) for arg, f in probs_of.items()}
-                loss_vec = pair_loss(training.loss_type, pw, pl, rw, rl, training.beta, **probs)
-                acc_.backward(loss_vec.mean())
-                for k, v in _metrics(loss_vec, pw, pl, rw, rl, training.beta, names).items():
-                    micro.setdefault(k, []).append(v)
-                tokens += int(batch["attention_mask"].sum())
-                if acc_.sync_gradients:
-                    norm = acc_.clip_grad_norm_(r.params, training.max_grad_norm or float("inf"))
-                    micro.setdefault("grad_norm", []).append(
-                        torch.as_tensor(norm, dtype=torch.float32, device=dev))
-                r.optimizer.step()
-                if acc_.sync_gradients:
-                    r.scheduler.step()
-                r.optimizer.zero_grad()
-            if not acc_.sync_gradients:
-                continue
-            step += 1
-            for k, vs in micro.items():    # mean over micro-batches, then over processes
-                window.setdefault(k, []).append(
-                    acc_.reduce(torch.stack(vs).mean(), reduction="mean").item())
-            micro = {}
-            bar.update(1)
-            bar.set_postfix(loss=f"{window['loss'][-1]:.4f}")
-            if step % training.logging_steps == 0 or step == r.total:
-                rec = {"step": step, "epoch": round(step / r.per_epoch, 4),
-                       "learning_rate": r.scheduler.get_last_lr()[0],
-                       **{k: sum(v) / len(v) for k, v in window.items()},
-                       "tokens_per_s": tokens * world / (time.perf_counter() - t0),
-                       "elapsed_s": time.perf_counter() - t0}
-                window = {}
-                if main:
-                    with out.log.open("a") as fh:
-                        fh.write(json.dumps(rec) + "\n")
-                    for k, v in rec.items():
-                        if k != "step":
-                            tb.add_scalar(k, v, step)
-            if training.save_steps and step % training.save_steps == 0 and step < r.total:
-                _save_checkpoint(acc_, out, step)
-            if step >= r.total:
-                break
-        epoch += 1
-    bar.close()
-    if main:
-        tb.close()
+
+    def step(forward, idx: list[int]):
+        ps = [pairs[i] for i in idx]
+        batch = collate([p.chosen for p in ps] + [p.rejected for p in ps], pad_id)
+        logps, _ = forward(batch)
+        dev = logps.device
+        pw, pl = logps.float().chunk(2)
+        rw = torch.tensor([p.ref_chosen for p in ps], device=dev)
+        rl = torch.tensor([p.ref_rejected for p in ps], device=dev)
+        probs = {arg: torch.tensor([getattr(p.record, f) for p in ps], device=dev,
+                                   dtype=torch.float32) for arg, f in probs_of.items()}
+        loss_vec = pair_loss(training.loss_type, pw, pl, rw, rl, training.beta, **probs)
+        return (loss_vec.mean(), _metrics(loss_vec, pw, pl, rw, rl, training.beta, names),
+                int(batch["attention_mask"].sum()))
+
     return step
-
-
-def _save_checkpoint(accelerator, out: ModelLayout, step: int) -> None:
-    final = out.checkpoint(step)
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        tmp.rename(final)
-    accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------
@@ -439,29 +237,23 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
     """Train on the pairs of `sources` (dataset, share used); returns the output directory,
     a Hugging Face checkpoint."""
     out = ModelLayout(Path(out_dir))
-    if out.complete.exists() and not overwrite:
-        print(f"{out.root} holds a finished model; skipping (--overwrite to train again).",
-              file=sys.stderr)
+    if skip_if_complete(out, overwrite):
         return out.root
-    if overwrite and out.root.exists():
-        shutil.rmtree(out.root)
-    r = setup(model, data, sources, scoring, training, lora, out, seed)
-    step = loop(r, training, out)
-    _save_final(r, lora, model.model_name_or_path, out, step)
+    accelerator, lm, tok = start(model, training, lora, out, seed)
+    ref_spec = training.reference_model or model.model_name_or_path
+    reference = ScoreStamp(ref_spec, scoring.max_length, scoring.max_prompt_length,
+                           fingerprint(ref_spec))
+    pairs, stats = load_pairs(sources, data, scoring, training.loss_type,
+                              None if lora.load_in_4bit else reference, tok)
+    if accelerator.is_main_process:
+        print(f"{len(pairs)} pairs; {stats.truncated} truncated to max_length "
+              f"{scoring.max_length} / max_prompt_length {scoring.max_prompt_length}; "
+              f"{stats.stored_reference} with stored reference log-probs", file=sys.stderr)
+    reference_logps(lm, pairs, tok.pad_token_id, accelerator, out, start=model,
+                    reference=reference, chunk=scoring.logprob_chunk_size, training=training,
+                    load_in_4bit=lora.load_in_4bit)
+    lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
+    r = prepare(accelerator, lm, tok, lengths, training, scoring.logprob_chunk_size, out, seed)
+    step = loop(r, training, out, pair_step(pairs, tok.pad_token_id, training))
+    save_final(r, lora, model.model_name_or_path, out, {"steps": step, **stats.to_json()})
     return out.root
-
-
-def _save_final(r: Run, lora: LoraSettings, base_spec: str, out: ModelLayout,
-                step: int) -> None:
-    acc_ = r.accelerator
-    acc_.wait_for_everyone()
-    state = None
-    if not lora.use_peft:   # every process takes part: it gathers ZeRO-3 / FSDP shards
-        state = {k[len("model."):]: v for k, v in acc_.get_state_dict(r.wrapped).items()
-                 if k.startswith("model.")}
-    if acc_.is_main_process:
-        save_trained(acc_.unwrap_model(r.wrapped).model, r.tok, out.root, lora, base_spec,
-                     state, out.adapter)
-        write_json_atomic(out.complete, {"steps": step, **r.stats.to_json()})
-        shutil.rmtree(out.checkpoints, ignore_errors=True)
-    acc_.wait_for_everyone()

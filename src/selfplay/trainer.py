@@ -1,0 +1,262 @@
+"""The training loop on accelerate, shared by `selfplay sft` and `selfplay train`.
+
+A stage starts (accelerator, seed, the trainable model), reads its items (pairs, or
+sequences), then:
+  prepare     the log-prob function wrapped for DDP / DeepSpeed / FSDP, optimizer, schedule,
+              the global batch plan, and the state of an interrupted run (exact resume)
+  loop        per update: `ga` micro-batches through the stage's step function (forward, loss,
+              metrics), backward, clip, step; averaged metrics to JSONL and TensorBoard every
+              logging_steps; resumable checkpoints every save_steps
+  save_final  a Hugging Face checkpoint (full weights gathered once, or LoRA merged or alone)
+The step function is all that differs between the stages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from selfplay.config import LoraSettings, ModelSettings, TrainingSettings
+from selfplay.data.run_layout import ModelLayout
+from selfplay.data.shards import write_json_atomic
+from selfplay.errors import SelfplayError
+from selfplay.logprobs import ResponseLogProbs
+from selfplay.models import load_for_training, save_trained
+
+# (forward, this process's item indices) -> (loss to backpropagate, metrics, tokens);
+# forward(batch) runs the wrapped log-prob function under autocast.
+StepFn = Callable[[Callable[..., Any], list[int]], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
+
+
+def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
+          out: ModelLayout, seed: int):
+    """(accelerator, trainable model, tokenizer): devices and process group, the seed, the
+    model built for training (full, LoRA, QLoRA)."""
+    accelerator = Accelerator(cpu=model.device == "cpu" or not torch.cuda.is_available(),
+                              mixed_precision="bf16" if training.bf16 else "no",
+                              gradient_accumulation_steps=training.gradient_accumulation_steps)
+    set_seed(seed)
+    out.root.mkdir(parents=True, exist_ok=True)
+    lm, tok = load_for_training(model.model_name_or_path, model.dtype, lora, accelerator.device,
+                                bf16=training.bf16,
+                                gradient_checkpointing=training.gradient_checkpointing)
+    return accelerator, lm, tok
+
+
+def epoch_batches(lengths: list[int], per_device: int, world: int, seed: int, epoch: int,
+                  group_by_length: bool = True) -> list[list[int]]:
+    """The global batches (per_device x world item indices each) of one epoch.
+
+    A seeded permutation of the items (the same seed and epoch, the same order). With
+    group_by_length, each run of 32 global batches is sorted by item length before it is cut,
+    and the batches are then shuffled: items of similar length share a batch, so padding
+    shrinks (random batches of SPIN pairs on the task suite pad to 2.5x their tokens, grouped
+    ones to 1.3x). The last batch is filled from the start of the permutation when needed so
+    that every process gets the same number of items.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    size = per_device * world
+    if group_by_length:
+        mega = size * 32
+        perm = [i for s in range(0, len(perm), mega)
+                for i in sorted(perm[s:s + mega], key=lambda i: -lengths[i])]
+    batches = [perm[s:s + size] for s in range(0, len(perm), size)]
+    short = -len(batches[-1]) % world
+    batches[-1] = batches[-1] + perm[:short]
+    if group_by_length:
+        order = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in order]
+    return batches
+
+
+def _optimizer(training: TrainingSettings, params):
+    if training.optim == "rmsprop":   # the paper's choice; torch defaults alpha 0.99, eps 1e-8
+        return torch.optim.RMSprop(params, lr=training.learning_rate,
+                                   weight_decay=training.weight_decay)
+    return torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
+
+
+def _checkpoints(out: ModelLayout) -> list[Path]:
+    d = out.checkpoints
+    return sorted(p for p in d.glob("step-*") if (p / "trainer_state.json").exists()) \
+        if d.exists() else []
+
+
+@dataclass
+class Run:
+    """What the loop needs, made by `prepare`."""
+    accelerator: Accelerator
+    wrapped: torch.nn.Module        # the model's log-prob function, as accelerate prepared it
+    tok: Any
+    optimizer: Any
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    batches_of: Callable[[int], list[list[int]]]
+    per_epoch: int                  # updates per epoch
+    total: int                      # updates in all
+    step: int                       # updates done (> 0 when resumed)
+
+
+def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
+            training: TrainingSettings, chunk_size: int, out: ModelLayout, seed: int) -> Run:
+    """Wrap, plan and (with training.resume) restore; `lengths` are the items' token counts."""
+    wrapped = ResponseLogProbs(model, chunk_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(training, params)
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    ga = training.gradient_accumulation_steps
+
+    def batches_of(epoch: int) -> list[list[int]]:
+        return epoch_batches(lengths, training.per_device_train_batch_size,
+                             accelerator.num_processes, seed, epoch, training.group_by_length)
+
+    # An update is exactly `ga` batches; an epoch's few leftover batches (< ga) are dropped.
+    per_epoch = len(batches_of(0)) // ga
+    if per_epoch == 0:
+        raise SelfplayError(f"{len(lengths)} items make fewer batches than "
+                            f"--gradient_accumulation_steps {ga}.")
+    total = training.max_steps or math.ceil(training.num_train_epochs * per_epoch)
+    # Stepped by hand once per update: accelerate's wrapper would step it once per process.
+    scheduler = get_scheduler(training.lr_scheduler_type, optimizer,
+                              num_warmup_steps=math.ceil(training.warmup_ratio * total),
+                              num_training_steps=total)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step = 0
+    if not training.resume and accelerator.is_main_process:
+        shutil.rmtree(out.checkpoints, ignore_errors=True)   # stale, from an earlier run
+    if training.resume and _checkpoints(out):
+        last = _checkpoints(out)[-1]
+        accelerator.load_state(str(last))
+        step = json.loads((last / "trainer_state.json").read_text())["step"]
+        if accelerator.is_main_process:
+            print(f"resuming from {last} (update {step} of {total})", file=sys.stderr)
+    return Run(accelerator, wrapped, tok, optimizer, scheduler, params, batches_of, per_epoch,
+               total, step)
+
+
+def loop(r: Run, training: TrainingSettings, out: ModelLayout, step_fn: StepFn) -> int:
+    """Train from update r.step to r.total; returns the last update's number."""
+    acc_, main = r.accelerator, r.accelerator.is_main_process
+    dev, rank, world = acc_.device, acc_.process_index, acc_.num_processes
+    ga, step = training.gradient_accumulation_steps, r.step
+    if main:   # a resumed run rewrites what came after its checkpoint, never duplicates it
+        kept = [ln for ln in (out.log.read_text().splitlines() if out.log.exists() else [])
+                if json.loads(ln)["step"] <= step]
+        out.log.write_text("".join(ln + "\n" for ln in kept))
+        tb = SummaryWriter(str(out.tensorboard), purge_step=step + 1 if step else None)
+
+    def forward(batch: dict[str, torch.Tensor]):
+        with acc_.autocast():
+            return r.wrapped(**{k: v.to(dev) for k, v in batch.items()})
+
+    bar = tqdm(total=r.total, initial=step, desc="train", unit="step",
+               disable=not acc_.is_local_main_process, mininterval=1.0)
+    window: dict[str, list[float]] = {}
+    micro: dict[str, list[torch.Tensor]] = {}
+    t0, tokens = time.perf_counter(), 0
+    epoch = step // r.per_epoch
+    while step < r.total:
+        skip = (step - epoch * r.per_epoch) * ga
+        for gbatch in r.batches_of(epoch)[skip:r.per_epoch * ga]:
+            share = len(gbatch) // world
+            with acc_.accumulate(r.wrapped):
+                loss, metrics, n_tok = step_fn(forward, gbatch[rank * share:(rank + 1) * share])
+                acc_.backward(loss)
+                for k, v in metrics.items():
+                    micro.setdefault(k, []).append(v)
+                tokens += n_tok
+                if acc_.sync_gradients:
+                    norm = acc_.clip_grad_norm_(r.params, training.max_grad_norm or float("inf"))
+                    micro.setdefault("grad_norm", []).append(
+                        torch.as_tensor(norm, dtype=torch.float32, device=dev))
+                r.optimizer.step()
+                if acc_.sync_gradients:
+                    r.scheduler.step()
+                r.optimizer.zero_grad()
+            if not acc_.sync_gradients:
+                continue
+            step += 1
+            for k, vs in micro.items():    # mean over micro-batches, then over processes
+                window.setdefault(k, []).append(
+                    acc_.reduce(torch.stack(vs).mean(), reduction="mean").item())
+            micro = {}
+            bar.update(1)
+            bar.set_postfix(loss=f"{window['loss'][-1]:.4f}")
+            if step % training.logging_steps == 0 or step == r.total:
+                rec = {"step": step, "epoch": round(step / r.per_epoch, 4),
+                       "learning_rate": r.scheduler.get_last_lr()[0],
+                       **{k: sum(v) / len(v) for k, v in window.items()},
+                       "tokens_per_s": tokens * world / (time.perf_counter() - t0),
+                       "elapsed_s": time.perf_counter() - t0}
+                window = {}
+                if main:
+                    with out.log.open("a") as fh:
+                        fh.write(json.dumps(rec) + "\n")
+                    for k, v in rec.items():
+                        if k != "step":
+                            tb.add_scalar(k, v, step)
+            if training.save_steps and step % training.save_steps == 0 and step < r.total:
+                _save_checkpoint(acc_, out, step)
+            if step >= r.total:
+                break
+        epoch += 1
+    bar.close()
+    if main:
+        tb.close()
+    return step
+
+
+def _save_checkpoint(accelerator, out: ModelLayout, step: int) -> None:
+    final = out.checkpoint(step)
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+
+
+def save_final(r: Run, lora: LoraSettings, base_spec: str, out: ModelLayout,
+               record: dict[str, Any]) -> None:
+    """The trained model in out.root, `record` in training_complete.json, checkpoints gone."""
+    acc_ = r.accelerator
+    acc_.wait_for_everyone()
+    state = None
+    if not lora.use_peft:   # every process takes part: it gathers ZeRO-3 / FSDP shards
+        state = {k[len("model."):]: v for k, v in acc_.get_state_dict(r.wrapped).items()
+                 if k.startswith("model.")}
+    if acc_.is_main_process:
+        save_trained(acc_.unwrap_model(r.wrapped).model, r.tok, out.root, lora, base_spec,
+                     state, out.adapter)
+        write_json_atomic(out.complete, record)
+        shutil.rmtree(out.checkpoints, ignore_errors=True)
+    acc_.wait_for_everyone()
+
+
+def skip_if_complete(out: ModelLayout, overwrite: bool) -> bool:
+    """True when out holds a finished model to keep; with overwrite, clears it first."""
+    if out.complete.exists() and not overwrite:
+        print(f"{out.root} holds a finished model; skipping (--overwrite to train again).",
+              file=sys.stderr)
+        return True
+    if overwrite and out.root.exists():
+        shutil.rmtree(out.root)
+    return False
