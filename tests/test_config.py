@@ -132,15 +132,18 @@ def test_shipped_recipes_load(recipe):
 
 def test_method_sppo_defaults_and_what_overrides_them(tmp_path):
     spin = load_config("run")
-    assert (spin.generation.num_samples, spin.training.loss_type, spin.data.max_prompts) == (1, "sigmoid", 128)
+    assert (spin.generation.num_samples, spin.training.loss_type, spin.data.max_prompts) == \
+        (1, "sigmoid", 128)
     cfg = load_config("run", None, ["--method", "sppo"])
     g = cfg.generation
     assert (g.num_samples, g.temperature, g.top_p, cfg.training.loss_type, cfg.run.data_policy) == \
         (5, 0.7, 0.9, "sppo", "current")
-    assert (cfg.data.max_prompts, cfg.training.learning_rate, cfg.job.output_dir) == (64, 5e-6, "runs/sppo")
+    assert (cfg.data.max_prompts, cfg.training.learning_rate, cfg.job.output_dir) == \
+        (64, 5e-6, "runs/sppo")
     mine = load_config("run", None, ["--method", "sppo", "--num_samples", "3",
                                      "--max_prompts", "10", "--loss_type", "sppo_hard"])
-    assert (mine.generation.num_samples, mine.data.max_prompts, mine.training.loss_type) == (3, 10, "sppo_hard")
+    assert (mine.generation.num_samples, mine.data.max_prompts, mine.training.loss_type) == \
+        (3, 10, "sppo_hard")
     # A run recipe given to `selfplay train` keeps the method's loss, not the run's sizing.
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: sppo\n")

@@ -1,12 +1,10 @@
 """`selfplay generate` / `score` on the tiny model: shards, idempotence, resume, scoring."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -11,7 +11,9 @@ import torch
 
 from conftest import trl_oracle
 from selfplay.logprobs import response_logps
-from selfplay.losses import LOSSES, spin_hinge, spin_logistic, sppo_hard, sppo_single, sppo_soft
+from selfplay.losses import (LOSSES, sft_nll, spin_hinge, spin_logistic, sppo_hard, sppo_single,
+                             sppo_soft)
+from selfplay.rendering import collate, encode
 
 T = torch.tensor
 
@@ -105,6 +107,32 @@ def test_sppo_hard_equals_trl(tokenizer, tmp_path):
     # 3.1M elements).
     for g, h in zip((p.grad for p in policy.parameters()), trl_grads):
         torch.testing.assert_close(g, h, atol=5e-5, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------
+# SFT: the mean NLL per reference response token
+# ---------------------------------------------------------------------------------------
+
+def test_sft_nll_by_hand():
+    """Summed log-probs −2 (1 token) and −6 (3 tokens): 8 nats over 4 tokens = 2.
+    Per token, not per sequence: −2 over 1 and −9 over 3 give 11/4 = 2.75, where the mean of
+    the per-sequence means would be (2 + 3)/2 = 2.5."""
+    assert sft_nll(T([-2.0, -6.0]), T([1, 3])).item() == pytest.approx(2.0)
+    assert sft_nll(T([-2.0, -9.0]), T([1, 3])).item() == pytest.approx(2.75)
+
+
+def test_sft_loss_equals_transformers_labels_loss(tiny_model, tokenizer):
+    """The same tokens through model(labels=...) with prompt and padding set to −100."""
+    seqs = [encode(tokenizer, [{"role": "user", "content": q}], a, 512, 256) for q, a in
+            [("What is 2 + 2?", "2 + 2 = 4.\nAnswer: 4"), ("Name a colour.", "Blue."),
+             ("Sort 3, 1, 2.", "1, 2, 3")]]
+    batch = collate(seqs, tokenizer.pad_token_id)
+    labels = batch["input_ids"].masked_fill(~batch["response_mask"], -100)
+    with torch.no_grad():
+        hf = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=labels).loss
+        logp, n = response_logps(tiny_model, **batch)
+    assert sft_nll(logp, n).item() == pytest.approx(hf.item(), rel=1e-5)
 
 
 def test_every_loss_is_tested_here():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from selfplay.config import Config, format_help, load_config
+from selfplay.data.shards import writable_dir
 from selfplay.errors import SelfplayError
 
 
@@ -228,6 +229,11 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+# Commands that write under --output_dir: it is checked before any work starts.
+WRITES_OUTPUT_DIR = {"generate", "score", "convert", "rank", "sft", "train", "evaluate", "run",
+                     "compare"}
+
+
 def _main_help() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: selfplay COMMAND [RECIPE.yaml] [--key value ...]", "",
@@ -281,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SelfplayError(f"missing {' '.join(cmd.positionals[len(positionals):])}; usage: "
                                 f"{cmd.usage}")
         cfg = load_config(name, recipe, rest)
+        if name in WRITES_OUTPUT_DIR:
+            writable_dir(Path(cfg.job.output_dir))
         return cmd.run(cfg, positionals)
     except SelfplayError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import textwrap
 import types
 import typing
@@ -379,6 +380,9 @@ class Config:
         _need(tr.num_train_epochs > 0 or tr.max_steps > 0,
               "--num_train_epochs must be positive (or set --max_steps).")
         _need(tr.learning_rate > 0, "--learning_rate must be positive.")
+        _need(tr.max_steps >= 0, "--max_steps must be 0 (by --num_train_epochs) or positive.")
+        _need(tr.max_grad_norm >= 0 and tr.weight_decay >= 0,
+              "--max_grad_norm and --weight_decay must be 0 or positive.")
         _need(0 <= tr.warmup_ratio < 1, "--warmup_ratio must lie in [0, 1).")
         _need(tr.beta > 0, "--beta must be positive.")
         _need(self.run.sft_epochs >= 0 and self.run.sft_learning_rate > 0
@@ -494,6 +498,9 @@ def coerce(name: str, value: Any, source: str = "") -> Any:
             out = float(value)
         except (TypeError, ValueError):
             raise bad from None
+        if not math.isfinite(out):
+            raise SelfplayError(f"option --{name}{where} got {value!r}, but it takes a finite "
+                                "number.")
     elif tp is str:
         if isinstance(value, (dict, list)):
             raise bad
@@ -604,10 +611,15 @@ def load_config(command: str, recipe: str | Path | None = None,
             # A recipe may hold keys of other commands (one recipe for a whole run).
             values[name] = coerce(name, value, str(path))
             explicit_keys.add(name)
+    given: dict[str, str] = {}
     for key, value in parse_overrides(overrides or [], command):
         name = _canonical(key, command)
         if name not in valid_set:
             raise _unknown(name, valid, "", command)
+        if name in given:
+            raise SelfplayError(f"option --{name} is given twice ({given[name]!r} and {value!r}) "
+                                "on the command line; give it once.")
+        given[name] = value
         values[name] = coerce(name, value)
         explicit_keys.add(name)
     method = values.get("method", "")

@@ -38,7 +38,8 @@ from selfplay.models import load_for_training, save_trained
 
 # (forward, this process's item indices) -> (loss to backpropagate, metrics, tokens);
 # forward(batch) runs the wrapped log-prob function under autocast.
-StepFn = Callable[[Callable[..., Any], list[int]], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
+StepFn = Callable[[Callable[..., Any], list[int]],
+                  tuple[torch.Tensor, dict[str, torch.Tensor], int]]
 
 
 def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
@@ -137,8 +138,6 @@ def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
     accelerator.register_for_checkpointing(scheduler)
 
     step = 0
-    if not training.resume and accelerator.is_main_process:
-        shutil.rmtree(out.checkpoints, ignore_errors=True)   # stale, from an earlier run
     if training.resume and _checkpoints(out):
         last = _checkpoints(out)[-1]
         accelerator.load_state(str(last))
@@ -181,9 +180,11 @@ def loop(r: Run, training: TrainingSettings, out: ModelLayout, step_fn: StepFn) 
                     micro.setdefault(k, []).append(v)
                 tokens += n_tok
                 if acc_.sync_gradients:
-                    norm = acc_.clip_grad_norm_(r.params, training.max_grad_norm or float("inf"))
-                    micro.setdefault("grad_norm", []).append(
-                        torch.as_tensor(norm, dtype=torch.float32, device=dev))
+                    norm = torch.as_tensor(
+                        acc_.clip_grad_norm_(r.params, training.max_grad_norm or float("inf")),
+                        dtype=torch.float32, device=dev)
+                    _stop_if_not_finite(acc_, torch.stack(micro["loss"]), norm, step + 1, out)
+                    micro.setdefault("grad_norm", []).append(norm)
                 r.optimizer.step()
                 if acc_.sync_gradients:
                     r.scheduler.step()
@@ -221,6 +222,22 @@ def loop(r: Run, training: TrainingSettings, out: ModelLayout, step_fn: StepFn) 
     return step
 
 
+def _stop_if_not_finite(accelerator, losses: torch.Tensor, norm: torch.Tensor, update: int,
+                        out: ModelLayout) -> None:
+    """Stop before an update whose loss or gradient norm is not finite on any process: a
+    broken model is never stepped into, saved, or marked complete."""
+    bad = (~torch.isfinite(losses)).any() | ~torch.isfinite(norm)
+    if accelerator.reduce(bad.float(), reduction="sum").item() == 0:
+        return
+    last = _checkpoints(out)
+    raise SelfplayError(
+        f"update {update}: the loss ({losses.float().mean().item():.4g}) or the gradient norm "
+        f"({norm.item():.4g}) is not finite; training stopped before applying it and nothing "
+        f"was saved as complete; the last good checkpoint is "
+        f"{last[-1] if last else 'none (see --save_steps)'}; lower --learning_rate or --beta, "
+        "or look for broken rows in the data.")
+
+
 def _save_checkpoint(accelerator, out: ModelLayout, step: int) -> None:
     final = out.checkpoint(step)
     tmp = final.with_name(final.name + ".tmp")
@@ -252,11 +269,41 @@ def save_final(r: Run, lora: LoraSettings, base_spec: str, out: ModelLayout,
 
 
 def skip_if_complete(out: ModelLayout, overwrite: bool) -> bool:
-    """True when out holds a finished model to keep; with overwrite, clears it first."""
+    """True when out holds a finished model to keep (nothing is trained or deleted)."""
     if out.complete.exists() and not overwrite:
         print(f"{out.root} holds a finished model; skipping (--overwrite to train again).",
               file=sys.stderr)
         return True
-    if overwrite and out.root.exists():
-        shutil.rmtree(out.root)
     return False
+
+
+def _ours(out: ModelLayout) -> bool:
+    """Proof that we wrote out.root: our marker, or (from before markers) our own records."""
+    return out.marker.exists() or out.complete.exists() or out.log.exists() or \
+        out.checkpoints.exists()
+
+
+def claim(accelerator: Accelerator, out: ModelLayout, *, overwrite: bool, resume: bool) -> None:
+    """Take out.root for this training, once its inputs are read and valid.
+
+    Never deletes what we did not write: a directory holding other files is refused. With
+    overwrite, our earlier outputs are cleared; without resume, an interrupted training's
+    checkpoints are kept and the command refuses, naming --resume and --overwrite.
+    """
+    others = sorted(p.name for p in out.root.iterdir()) if out.root.exists() else []
+    if others and not _ours(out):
+        raise SelfplayError(f"{out.root} holds files that selfplay did not write "
+                            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                            "nothing was deleted; give another --output_dir.")
+    if not overwrite and not resume and _checkpoints(out):
+        last = _checkpoints(out)[-1]
+        raise SelfplayError(f"{out.root} holds an interrupted training (checkpoint {last.name}); "
+                            "pass --resume to continue it, or --overwrite to start over; nothing "
+                            "was deleted.")
+    accelerator.wait_for_everyone()       # every process has looked before anything goes
+    if accelerator.is_main_process:
+        if overwrite and others:
+            shutil.rmtree(out.root)
+        out.root.mkdir(parents=True, exist_ok=True)
+        out.marker.touch()
+    accelerator.wait_for_everyone()

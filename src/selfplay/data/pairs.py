@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from selfplay.config import DataSettings
-from selfplay.data.formats import Example, read_examples
+from selfplay.data.formats import Example, ReadResult, read_examples
 from selfplay.data.shards import write_parquet_atomic
 from selfplay.errors import SelfplayError
 
@@ -158,7 +158,8 @@ def pair_from_example(ex: Example, source: str) -> PreferencePair:
         prompt_id=ex.prompt_id, prompt=ex.prompt, chosen=ex.reference,
         rejected=_answer(e["generated" if spin else "rejected"], source),
         rejected_tokens=e.get("generated_tokens"), finish_reason=e.get("finish_reason"),
-        ref_logp_chosen=_num(e.get(f"ref_logp_{w}")), ref_logp_rejected=_num(e.get(f"ref_logp_{l}")),
+        ref_logp_chosen=_num(e.get(f"ref_logp_{w}")),
+        ref_logp_rejected=_num(e.get(f"ref_logp_{l}")),
         ref_ntok_chosen=e.get(f"ref_ntok_{w}"), ref_ntok_rejected=e.get(f"ref_ntok_{l}"),
         scored_with=stamp, chosen_probs=_num(e.get("chosen_probs")),
         chosen_probs_win=_num(e.get("chosen_probs_win")),
@@ -166,7 +167,8 @@ def pair_from_example(ex: Example, source: str) -> PreferencePair:
         extra={k: v for k, v in e.items() if k not in cols})
 
 
-def read_pairs(source: str, split: str, data: DataSettings) -> tuple[list[PreferencePair], Any]:
+def read_pairs(source: str, split: str, data: DataSettings
+               ) -> tuple[list[PreferencePair], ReadResult]:
     """Every pair of one dataset, and the reader's result (layout, files, skipped rows)."""
     res = read_examples(source, split, data.dataset_layout, data.reference_turn,
                         data.skip_bad_rows, data.max_prompts, data.tasks_seed,

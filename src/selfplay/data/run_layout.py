@@ -10,7 +10,8 @@
       iter{t}/model/                       θ_{t+1}: a checkpoint (see ModelLayout)
       iter{t}/eval.json                    θ_{t+1} on the held-out prompts
 
-    MODEL_DIR/ (what `selfplay train` writes)
+    MODEL_DIR/ (what `selfplay sft` and `selfplay train` write)
+      .selfplay-output        the marker: this directory is ours (--overwrite may clear it)
       model.safetensors | adapter_model.safetensors, config and tokenizer files
       training_complete.json  train_log.jsonl  tensorboard/
       reference_logps.json    θ_t's log-probs, computed once, with their fingerprint
@@ -29,6 +30,11 @@ from selfplay.data.shards import CONVERT_REPORT, pairs_file
 @dataclass(frozen=True)
 class ModelLayout:
     root: Path
+
+    @property
+    def marker(self) -> Path:
+        """Written first into a directory we train into: proof that it is ours to clear."""
+        return self.root / ".selfplay-output"
 
     @property
     def complete(self) -> Path:

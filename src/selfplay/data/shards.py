@@ -20,7 +20,8 @@ from typing import Any
 
 from selfplay.errors import SelfplayError
 
-SHARD_RE = re.compile(r"^(?P<split>.+)-frac(?P<frac>\d+)-rank(?P<rank>\d+)-of(?P<world>\d+)\.jsonl$")
+SHARD_RE = re.compile(
+    r"^(?P<split>.+)-frac(?P<frac>\d+)-rank(?P<rank>\d+)-of(?P<world>\d+)\.jsonl$")
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,6 +175,22 @@ def process_slice(n: int, rank: int, world: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 # Atomic files
 # ---------------------------------------------------------------------------------------
+
+def writable_dir(path: Path, option: str = "--output_dir") -> Path:
+    """`path` as a directory we can write, created if need be; checked before any work starts,
+    so that a late write cannot lose finished work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SelfplayError(f"{option} {path} is a file, not a directory.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".selfplay-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SelfplayError(f"{option} {path} cannot be written ({e.strerror}).") from None
+    return path
+
 
 def _tmp(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

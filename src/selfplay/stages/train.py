@@ -39,7 +39,8 @@ from selfplay.logprobs import response_logps
 from selfplay.losses import pair_loss
 from selfplay.models import fingerprint, load_model
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
-from selfplay.trainer import StepFn, loop, prepare, save_final, skip_if_complete, start
+from selfplay.trainer import (StepFn, claim, loop, prepare, save_final, skip_if_complete,
+                              start)
 
 # The loss arguments each SPPO loss takes, and the pair fields they come from.
 LOSS_PROBS = {"sppo": {"p_win": "chosen_probs_win", "p_lose": "chosen_probs_lose"},
@@ -249,6 +250,7 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
         print(f"{len(pairs)} pairs; {stats.truncated} truncated to max_length "
               f"{scoring.max_length} / max_prompt_length {scoring.max_prompt_length}; "
               f"{stats.stored_reference} with stored reference log-probs", file=sys.stderr)
+    claim(accelerator, out, overwrite=overwrite, resume=training.resume)
     reference_logps(lm, pairs, tok.pad_token_id, accelerator, out, start=model,
                     reference=reference, chunk=scoring.logprob_chunk_size, training=training,
                     load_in_4bit=lora.load_in_4bit)

@@ -1,0 +1,118 @@
+"""Faults a demanding user meets: nothing of theirs lost, nothing false saved, every mistake
+one sentence. Each case failed before these rules (issue: "Nothing lost, nothing false")."""
+
+import json
+import time
+
+import pytest
+
+from conftest import kill_after_first_checkpoint, write_parquet
+from selfplay.cli import main
+
+
+def _pairs(n=8):
+    u = lambda i: {"role": "user", "content": f"What is {i} plus {i}?"}  # noqa: E731
+    return [{"prompt_id": f"p{i}", "real": [u(i), {"role": "assistant", "content": f"{2 * i}"}],
+             "generated": [u(i), {"role": "assistant", "content": f"Maybe {i}."}]}
+            for i in range(n)]
+
+
+@pytest.fixture
+def pairs_dir(tmp_path):
+    write_parquet(tmp_path / "pairs" / "train_prefs-00000-of-00001.parquet", _pairs())
+    return tmp_path / "pairs"
+
+
+def _train(model, data, out, *extra):
+    return main(["train", "--model", str(model), "--dataset", str(data), "--output_dir",
+                 str(out), "--per_device_train_batch_size", "4", "--logging_steps", "1",
+                 "--learning_rate", "1e-3", *extra])
+
+
+def test_overwrite_never_deletes_a_users_directory(tiny_model_dir, tmp_path, capsys):
+    mine = tmp_path / "my_work"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("three weeks of notes")
+    # a bad dataset: fails on its input, before anything is touched
+    assert _train(tiny_model_dir, tmp_path / "missing.jsonl", mine, "--overwrite") == 2
+    assert (mine / "notes.txt").read_text() == "three weeks of notes"
+    # a good dataset: the directory is not ours, so it is refused, not emptied
+    write_parquet(tmp_path / "p" / "train_prefs-00000-of-00001.parquet", _pairs())
+    assert _train(tiny_model_dir, tmp_path / "p", mine, "--overwrite") == 2
+    assert "holds files that selfplay did not write (notes.txt)" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "three weeks of notes"
+
+
+def test_overwrite_clears_our_own_output(tiny_model_dir, pairs_dir, tmp_path):
+    out = tmp_path / "out"
+    assert _train(tiny_model_dir, pairs_dir, out, "--max_steps", "1") == 0
+    assert (out / ".selfplay-output").exists()
+    assert _train(tiny_model_dir, pairs_dir, out, "--max_steps", "2", "--overwrite") == 0
+    assert json.loads((out / "training_complete.json").read_text())["steps"] == 2
+
+
+def test_interrupted_training_is_kept_until_told(tiny_model_dir, pairs_dir, tmp_path, capsys):
+    out = tmp_path / "cut"
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(pairs_dir),
+            "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps", "40",
+            "--save_steps", "2", "--learning_rate", "1e-3"]
+    kill_after_first_checkpoint(args, out)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "interrupted training" in err and "--resume" in err and "--overwrite" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "training_complete.json").read_text())["steps"] == 40
+
+
+@pytest.fixture
+def broken_model_dir(tmp_path, tokenizer):
+    """A checkpoint with one non-finite weight: every loss it gives is NaN."""
+    import torch
+
+    from conftest import make_tiny_model
+    model = make_tiny_model(tokenizer)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    d = tmp_path / "broken"
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_a_diverging_run_stops_and_saves_nothing_as_complete(broken_model_dir, pairs_dir,
+                                                             tmp_path, capsys, command):
+    out = tmp_path / "nan"
+    rc = main([command, "--model", str(broken_model_dir), "--dataset", str(pairs_dir),
+               "--output_dir", str(out), "--per_device_train_batch_size", "4",
+               "--max_steps", "4", "--save_steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "update 1: the loss (nan)" in err and "is not finite" in err
+    assert "the last good checkpoint is none" in err and "--learning_rate" in err
+    assert not (out / "training_complete.json").exists()
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--beta", "inf"], "--beta got 'inf', but it takes a finite number"),
+    (["--learning_rate", "nan"], "--learning_rate got 'nan', but it takes a finite number"),
+    (["--beta", "0.1", "--beta", "0.2"], "--beta is given twice ('0.1' and '0.2')"),
+    (["--max_steps", "-3"], "--max_steps must be 0"),
+])
+def test_numeric_options_are_checked(args, message, capsys):
+    assert main(["train", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_unusable_output_path_fails_before_the_work(tiny_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "eval_out"
+    blocker.write_text("a file where a directory should be")
+    t = time.perf_counter()
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--tasks_test_size", "8",
+                 "--output_dir", str(blocker)]) == 2
+    captured = capsys.readouterr()
+    assert "is a file, not a directory" in captured.err
+    assert "evaluate model" not in captured.err              # no evaluation was started
+    assert time.perf_counter() - t < 5
