@@ -102,3 +102,18 @@ def test_unfinished_temp_files_are_ignored(tmp_path):
 def test_no_shards(tmp_path):
     with pytest.raises(SelfplayError, match="holds no generation shards"):
         convert(tmp_path, tmp_path / "out")
+
+
+def test_drop_identical_leaves_out_answers_equal_to_the_reference(tmp_path):
+    g = tmp_path / "gen"
+    g.mkdir()
+    rows = [shard_row(i) for i in range(4)]
+    rows[1]["responses"] = [" A1. "]             # the reference, up to surrounding space
+    rows[3]["responses"] = ["A3."]
+    write_jsonl_atomic(g / shard_name("train", 0, 0, 1), rows)
+    kept = _convert(ConvertSettings(str(g), drop_identical=True), tmp_path / "out")
+    assert (kept.splits["train"].pairs, kept.splits["train"].identical_pairs_dropped) == (2, 2)
+    ids = [r["prompt_id"] for r in pq.read_table(tmp_path / "out" /
+                                                 "train_prefs-00000-of-00001.parquet").to_pylist()]
+    assert ids == ["p0", "p2"]
+    assert convert(g, tmp_path / "all")["splits"]["train"]["pairs"] == 4     # off by default

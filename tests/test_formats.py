@@ -144,3 +144,10 @@ def test_uncached_hub_dataset_offline_is_one_sentence(monkeypatch, tmp_path):
     with pytest.raises(SelfplayError, match=r"dataset 'someorg/not-cached' split 'train' could "
                                             r"not be loaded .* pass a local path"):
         read_examples("someorg/not-cached")
+
+
+def test_skip_and_max_prompts_make_a_window():
+    first = read_examples("builtin:tasks", "train", max_prompts=30).examples
+    window = read_examples("builtin:tasks", "train", max_prompts=10, skip_prompts=20).examples
+    assert [e.prompt_id for e in window] == [e.prompt_id for e in first[20:30]]
+    assert len(read_examples("builtin:tasks", "train", skip_prompts=1990).examples) == 10

@@ -84,7 +84,8 @@ def _run(model_dir, out, *extra):
                  "6", "--tasks_test_size", "8", "--max_new_tokens", "6",
                  "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
                  "--logging_steps", "1", "--num_iterations", "2", "--sft_epochs", "1",
-                 "--sft_max_prompts", "8", "--sft_learning_rate", "1e-3", *extra])
+                 "--sft_max_prompts", "8", "--sft_learning_rate", "1e-3", "--skip_prompts", "8",
+                 *extra])
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,10 @@ def test_sft_stage_makes_theta_0(arms):
     shard = next((arms / "spin" / "iter0" / "generated").glob("*.jsonl"))
     assert json.loads(shard.read_text().splitlines()[0])["settings"]["model"] == \
         str(arms / "spin" / "sft" / "model")                  # θ_0 is the SFT model
+    # the iterations' prompts are the 6 after the SFT stage's 8: prompts it did not see
+    from selfplay.data.formats import read_examples
+    train = [e.prompt_id for e in read_examples("builtin:tasks", "train", max_prompts=14).examples]
+    assert [json.loads(x)["prompt_id"] for x in shard.read_text().splitlines()] == train[8:]
     sft_eval = json.loads((arms / "spin" / "sft" / "eval.json").read_text())
     assert sft_eval["paired"]["n"] == 8 and len(sft_eval["accuracy_ci95"]) == 2
     report = (arms / "spin" / "report.md").read_text()

@@ -89,6 +89,8 @@ def cmd_convert(cfg: Config, args: list[str]) -> int:
                 f", {r.truncated_share:.1%} generations cut by the token limit")
         if r.duplicate_prompt_ids_dropped:
             line += f", {r.duplicate_prompt_ids_dropped} duplicate prompt_ids dropped"
+        if r.identical_pairs_dropped:
+            line += f", {r.identical_pairs_dropped} identical to their references left out"
         if r.missing:
             line += f", MISSING: {'; '.join(r.missing)}"
         print(line + (f" -> {r.file}" if r.file else ""))

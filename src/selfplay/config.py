@@ -96,6 +96,10 @@ class DataSettings:
                               "of stopping at the first one.", DATA_CMDS)
     max_prompts: int = opt(0, "Use only the first N prompts of the split (0: all).", DATA_CMDS,
                            command_defaults={"run": 128})
+    skip_prompts: int = opt(0, "Skip the first N prompts of the split; with max_prompts, the "
+                            "window [N, N + max_prompts): in `selfplay run`, set it to "
+                            "sft_max_prompts for iterations on prompts the SFT stage did not "
+                            "see.", DATA_CMDS)
     tasks_train_size: int = opt(2000, "Examples in the bundled suite's train split.",
                                 DATA_CMDS | {"tasks"}, aliases=("n",))
     tasks_test_size: int = opt(200, "Examples in the bundled suite's test split.",
@@ -157,6 +161,9 @@ class ConvertSettings:
                          "split is whatever was generated.", {"convert"})
     allow_missing_shards: bool = opt(False, "Go on when a fraction or a process shard is missing.",
                                      {"convert"})
+    drop_identical: bool = opt(False, "SPIN: leave out pairs whose generated answer equals the "
+                               "reference (their loss has no gradient; they only dilute the "
+                               "batch); counted in the convert report.", {"convert", "run"})
 
 
 @dataclass
@@ -365,7 +372,8 @@ class Config:
         _need(g.num_samples == 1 or g.temperature > 0,
               f"--num_samples {g.num_samples} with --temperature 0 would give identical greedy "
               "responses; set --temperature > 0 (the SPPO paper uses 0.7 with --top_p 0.9).")
-        _need(d.max_prompts >= 0, "--max_prompts must be 0 (all) or positive.")
+        _need(d.max_prompts >= 0 and d.skip_prompts >= 0,
+              "--max_prompts and --skip_prompts must be 0 or positive.")
         _need(s.max_length > 0 and s.max_prompt_length > 0,
               "--max_length and --max_prompt_length must be positive.")
         _need(s.max_prompt_length < s.max_length,

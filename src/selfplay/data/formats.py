@@ -268,7 +268,7 @@ def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[str, int, dict]]:
 def read_examples(source: str, split: str = "train", layout: str = "auto",
                   reference_turn: str = "first", skip_bad_rows: bool = False,
                   max_prompts: int = 0, tasks_seed: int = 0, tasks_train_size: int = 2000,
-                  tasks_test_size: int = 200) -> ReadResult:
+                  tasks_test_size: int = 200, skip_prompts: int = 0) -> ReadResult:
     """Read a dataset into Examples; see the module docstring for layouts and error handling."""
     if source == BUILTIN_TASKS:
         rows = tasks.split_rows(split, seed=tasks_seed, n_train=tasks_train_size,
@@ -297,7 +297,7 @@ def read_examples(source: str, split: str = "train", layout: str = "auto",
     skipped: list[str] = []
     file_layout: dict[str, str] = {}
     for fname, n, row in stream:
-        if max_prompts and len(examples) >= max_prompts:
+        if max_prompts and len(examples) >= skip_prompts + max_prompts:
             break
         try:
             if isinstance(row, Exception):
@@ -321,6 +321,7 @@ def read_examples(source: str, split: str = "train", layout: str = "auto",
         examples.append(Example(str(pid) if pid not in (None, "") else prompt_hash(prompt),
                                 prompt, reference, extra))
     layouts = sorted(set(file_layout.values())) or ([layout] if layout != "auto" else ["?"])
+    examples = examples[skip_prompts:]
     if not examples:
         raise SelfplayError(f"{source} (split {split!r}) has no usable rows"
                             + (f": all {len(skipped)} were bad." if skipped else "."))
@@ -331,7 +332,8 @@ def read_for(data: DataSettings, split: str | None = None) -> ReadResult:
     """read_examples with a command's data settings, reporting what was read and skipped."""
     res = read_examples(data.dataset, split or data.split, data.dataset_layout,
                         data.reference_turn, data.skip_bad_rows, data.max_prompts,
-                        data.tasks_seed, data.tasks_train_size, data.tasks_test_size)
+                        data.tasks_seed, data.tasks_train_size, data.tasks_test_size,
+                        data.skip_prompts)
     print(f"read {res.summary()}", file=sys.stderr)
     for msg in res.skipped[:5]:
         print(f"  skipped: {msg}", file=sys.stderr)

@@ -30,8 +30,9 @@ def _stamp(r: ShardRow) -> ScoreStamp | None:
     return ScoreStamp.from_json(r.score_settings) if r.scored else None
 
 
-def spin_pairs(rows: list[ShardRow]) -> list[PreferencePair]:
-    """One SPIN pair per generated response: the dataset's answer against θ_t's."""
+def spin_pairs(rows: list[ShardRow], drop_identical: bool = False) -> list[PreferencePair]:
+    """One SPIN pair per generated response: the dataset's answer against θ_t's (with
+    drop_identical, not where the two are the same text)."""
     return [PreferencePair(
         prompt_id=r.prompt_id, prompt=r.prompt, chosen=r.reference, rejected=resp,
         rejected_tokens=r.response_tokens[k], finish_reason=r.finish_reasons[k],
@@ -39,7 +40,8 @@ def spin_pairs(rows: list[ShardRow]) -> list[PreferencePair]:
         ref_logp_rejected=r.ref_logp_responses[k] if r.scored else None,
         ref_ntok_rejected=r.ref_ntok_responses[k] if r.scored else None,
         scored_with=_stamp(r), extra=_scalar_extras(r.extra))
-        for r in rows for k, resp in enumerate(r.responses)]
+        for r in rows for k, resp in enumerate(r.responses)
+        if not (drop_identical and resp.strip() == r.reference.strip())]
 
 
 def sppo_pairs(rows: list[ShardRow]) -> tuple[list[PreferencePair], int]:
@@ -87,7 +89,8 @@ def convert(settings: ConvertSettings, out_dir: Path) -> ConvertReport:
                 seen.add(row.prompt_id)
                 rows.append(row)
         ranked = bool(rows) and rows[0].ranked
-        pairs, ties = sppo_pairs(rows) if ranked else (spin_pairs(rows), 0)
+        pairs, ties = sppo_pairs(rows) if ranked else \
+            (spin_pairs(rows, settings.drop_identical), 0)
         out_dir.mkdir(parents=True, exist_ok=True)
         dest = pairs_file(out_dir, split)
         if pairs:
@@ -96,6 +99,8 @@ def convert(settings: ConvertSettings, out_dir: Path) -> ConvertReport:
         report.splits[split] = SplitReport(
             shards=len(files), missing=missing, prompts=len(rows), pairs=n,
             duplicate_prompt_ids_dropped=dups, all_tie_prompts_left_out=ties,
+            identical_pairs_dropped=0 if ranked else
+            sum(len(r.responses) for r in rows) - len(pairs),
             truncated_share=sum(p.finish_reason == "length" for p in pairs) / n if n else 0.0,
             scored=bool(pairs) and all(p.has_reference for p in pairs),
             file=str(dest) if pairs else None,

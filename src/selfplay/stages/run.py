@@ -169,7 +169,7 @@ def run(cfg: Config) -> Path:
     sft = cfg.model.model_name_or_path
 
     # Every evaluation reads the whole held-out split: max_prompts sizes the train prompts.
-    held_out = replace(cfg.data, max_prompts=0)
+    held_out = replace(cfg.data, max_prompts=0, skip_prompts=0)
     manifest.stage("base/evaluate", [layout.base_eval], lambda: write_json_atomic(
         layout.base_eval, evaluate_models(cfg.model, held_out, cfg.generation.max_new_tokens,
                                           cfg.scoring)), order=order)
@@ -179,7 +179,8 @@ def run(cfg: Config) -> Path:
         s = layout.sft
         manifest.stage("sft/train", [_weights(cfg, s), s.model.complete], lambda: run_sft(
             replace(cfg.model, model_name_or_path=sft),
-            replace(cfg.data, split="train", max_prompts=cfg.run.sft_max_prompts), cfg.scoring,
+            replace(cfg.data, split="train", max_prompts=cfg.run.sft_max_prompts,
+                    skip_prompts=0), cfg.scoring,
             cfg.sft_training(cfg.run.sft_epochs), cfg.lora, s.model.root, seed=cfg.job.seed),
             order=order)
         _evaluate_stage(manifest, order, "sft/evaluate", cfg, s, None, layout.base_eval)
@@ -216,13 +217,15 @@ def run(cfg: Config) -> Path:
             manifest.stage(f"iter{t}/rank", [shards],
                            lambda: rank(it.generated, it.ranked, judge), order=order)
         manifest.stage(f"iter{t}/convert", [it.train_pairs],
-                       lambda: _convert_nonempty(shards, it.pairs, t), order=order)
+                       lambda: _convert_nonempty(shards, it.pairs, t, c.convert.drop_identical),
+                       order=order)
         sources = [(str(it.pairs), 1.0)]
         if twice:
             sources.insert(0, (str(layout.iteration(t - 1).pairs), 1.0))
         start = theta if c.run.start_from == "previous" else sft
         manifest.stage(f"iter{t}/train", [_weights(c, it), it.model.complete], lambda: train(
-            replace(c.model, model_name_or_path=start), replace(train_data, max_prompts=0),
+            replace(c.model, model_name_or_path=start),
+            replace(train_data, max_prompts=0, skip_prompts=0),
             sources, c.scoring, replace(c.training, reference_model=theta, resume=True),
             c.lora, it.model.root, seed=c.job.seed), order=order)
         _evaluate_stage(manifest, order, f"iter{t}/evaluate", c, it, judge, prev_eval)
@@ -241,7 +244,7 @@ def _weights(c: Config, it: IterationLayout) -> Path:
 def _evaluate_stage(manifest: Manifest, order: list[str], key: str, c: Config,
                     it: IterationLayout, judge: Judge | None, prev_eval: Path) -> None:
     """θ_{t+1} on the held-out prompts, paired with the previous model's answers."""
-    eval_data = replace(c.data, max_prompts=0)
+    eval_data = replace(c.data, max_prompts=0, skip_prompts=0)
 
     def work():
         prev_rows = json.loads(prev_eval.read_text())["rows"]
@@ -257,15 +260,18 @@ def _evaluate_stage(manifest: Manifest, order: list[str], key: str, c: Config,
     manifest.stage(key, [it.eval], work, order=order)
 
 
-def _convert_nonempty(shards: Path, pairs_dir: Path, t: int) -> None:
+def _convert_nonempty(shards: Path, pairs_dir: Path, t: int, drop_identical: bool) -> None:
     """convert, failing with the reason when the iteration has nothing to train on."""
-    report = convert(ConvertSettings(shards_dir=str(shards)), pairs_dir)
+    report = convert(ConvertSettings(shards_dir=str(shards), drop_identical=drop_identical),
+                     pairs_dir)
     train = report.splits.get("train")
     if train is None or not train.pairs:
+        why = (f"all {train.identical_pairs_dropped} generated answers equal their references"
+               if train and train.identical_pairs_dropped else
+               f"the judge tied all K samples of all {train.prompts if train else 0} prompts")
         raise SelfplayError(
-            f"iteration {t} has no training pairs: the judge tied all K samples of all "
-            f"{train.prompts if train else 0} prompts; use more prompts (--max_prompts), samples "
-            "(--num_samples) or new tokens (--max_new_tokens).")
+            f"iteration {t} has no training pairs: {why}; use more prompts (--max_prompts), "
+            "samples (--num_samples) or new tokens (--max_new_tokens).")
 
 
 def push(model_dir: Path, repo_id: str) -> None:
