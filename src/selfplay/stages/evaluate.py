@@ -63,7 +63,9 @@ def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, bat
         "reference_logp_per_token": logp / max(ntok, 1),
         "mean_response_tokens": sum(g.n_tokens for g in gens) / len(gens),
         "truncated_share": sum(g.finish_reason == "length" for g in gens) / len(gens),
-        "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True},
+        "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True,
+                     "max_length": scoring.max_length,
+                     "max_prompt_length": scoring.max_prompt_length},
         "rows": [{"prompt_id": e.prompt_id, "family": e.extra.get("family"),
                   "answer": e.extra.get("answer"), "response": g.text, "n_tokens": g.n_tokens,
                   "finish_reason": g.finish_reason, "correct": r}

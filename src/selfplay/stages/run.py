@@ -8,7 +8,10 @@ Iteration t (θ_t: the model given, for t = from_iteration; iteration t-1's mode
   train     θ_{t+1} from θ_t (or the SFT model), θ_t as reference              iter{t}/model
   evaluate  θ_{t+1} on the held-out split, win rate against θ_t                 iter{t}/eval.json
 θ_{t+1} is then the opponent of iteration t+1. The starting model is evaluated once first
-(base/eval.json).
+(base/eval.json). With sft_epochs, an SFT stage first makes θ_0 from it (sft/model,
+sft/eval.json), as the paper starts from an SFT model. With --method sft (the control arm),
+each iteration is one stage of continued SFT on the same prompts, with as many updates as
+the SPIN iteration, then evaluate.
 
 The run directory's manifest.json holds the resolved recipe, library versions, seeds, and for
 each stage its state and output checksums. A stage whose record says done and whose outputs
