@@ -20,7 +20,7 @@ def test_wilson_interval_at_the_edges():
     """0 of 10: [0, z²/(n + z²)] = [0, 3.8415/13.8415] = [0, 0.2775]; n = 0: no information."""
     lo, hi = wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(3.841459 / 13.841459, abs=1e-6)
-    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(10, 10)[1] == 1.0             # exactly: a plot's error bar is ≥ 0
     assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
@@ -41,3 +41,14 @@ def test_paired_change_counts_only_rows_checked_on_both_sides():
     c = paired_change(ours, theirs)
     assert (c.n, c.gained, c.lost) == (4, 2, 1)
     assert c.delta == pytest.approx(0.25) and c.p_value == pytest.approx(1.0)
+
+
+def test_report_plots_a_perfect_and_a_null_score(tmp_path):
+    """Accuracies of 0% and 100% (intervals touching 0 and 1) draw without error."""
+    from selfplay.stages.report import ModelRow, plots
+
+    def ev(k, n):
+        return {"accuracy": k / n, "accuracy_ci95": list(wilson_interval(k, n))}
+    models = [ModelRow("start", ev(0, 7)), ModelRow("iteration 0", ev(7, 7)),
+              ModelRow("iteration 1", ev(3, 7))]
+    assert [p.name for p in plots(models, tmp_path)] == ["iterations.png"]

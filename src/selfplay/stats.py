@@ -24,7 +24,9 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At k = 0 and k = n one end is exactly 0 or 1; rounding must not put it just inside.
+    return (0.0 if correct == 0 else max(0.0, centre - half),
+            1.0 if correct == n else min(1.0, centre + half))
 
 
 def sign_test(gained: int, lost: int) -> float:

@@ -138,8 +138,8 @@ def plots(models: list[ModelRow], out: Path, method: str = "spin") -> list[Path]
     xs = list(range(len(models)))
     acc = [100 * (m.eval["accuracy"] or 0) for m in models]
     ci = [m.eval.get("accuracy_ci95") or [m.eval["accuracy"] or 0] * 2 for m in models]
-    ax.errorbar(xs, acc, yerr=[[a - 100 * c[0] for a, c in zip(acc, ci)],
-                               [100 * c[1] - a for a, c in zip(acc, ci)]],
+    ax.errorbar(xs, acc, yerr=[[max(0.0, a - 100 * c[0]) for a, c in zip(acc, ci)],
+                               [max(0.0, 100 * c[1] - a) for a, c in zip(acc, ci)]],
                 fmt="o-", capsize=3, label="task accuracy (held-out), 95% CI")
     wr = [(i, 100 * m.eval["win_rate"]) for i, m in enumerate(models)
           if m.eval.get("win_rate") is not None]
