@@ -217,7 +217,8 @@ COMMANDS: dict[str, Command] = {
         "       accelerate launch --config_file recipes/accelerate/zero3.yaml -m selfplay train "
         "..."),
     "run": Command(
-        "The whole loop: T iterations of generate, score, convert, train, evaluate; resumable; "
+        "The whole loop: (SFT,) T iterations of generate, score, (rank,) convert, train, "
+        "evaluate; resumable; "
         "writes a report.", cmd_run, "selfplay run [RECIPE.yaml] [--key value ...]"),
     "report": Command("A markdown report with plots of a run directory.", cmd_report,
                       "selfplay report RUN_DIR", positionals=("RUN_DIR",)),
@@ -230,6 +231,11 @@ COMMANDS: dict[str, Command] = {
                      positionals=("action", "OUT")),
 }
 
+
+# Listed in the pipeline's order.
+COMMANDS = {name: COMMANDS[name] for name in (
+    "sft", "generate", "score", "rank", "convert", "train", "evaluate", "run", "report",
+    "compare", "tasks", "info")}
 
 # Commands that write under --output_dir: it is checked before any work starts.
 WRITES_OUTPUT_DIR = {"generate", "score", "convert", "rank", "sft", "train", "evaluate", "run",
