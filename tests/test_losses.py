@@ -18,6 +18,16 @@ from selfplay.rendering import collate, encode
 T = torch.tensor
 
 
+def _our_logps(policy, ref, batch, chunk_size=1024):
+    """TRL's token tensors ([chosen; rejected]) through our log-prob function: policy log-probs
+    with gradients, reference log-probs without."""
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"].bool()
+    pw, pl = response_logps(policy, ids, attn, mask, chunk_size)[0].chunk(2)
+    with torch.no_grad():
+        rw, rl = response_logps(ref, ids, attn, mask)[0].chunk(2)
+    return pw, pl, rw, rl
+
+
 # ---------------------------------------------------------------------------------------
 # SPIN: the logistic and hinge losses
 # ---------------------------------------------------------------------------------------
@@ -51,12 +61,7 @@ def test_loss_and_gradients_equal_trl_dpo_sigmoid(tokenizer, tmp_path):
             for i in range(4)]
     policy, ref, batch, trl_loss, trl_grads = trl_oracle(tokenizer, tmp_path, rows, "sigmoid",
                                                          0.1)
-    # The same token tensors through our log-prob function and loss.
-    ids, attn = batch["input_ids"], batch["attention_mask"]
-    mask = batch["completion_mask"].bool()
-    pw, pl = response_logps(policy, ids, attn, mask, chunk_size=16)[0].chunk(2)
-    with torch.no_grad():
-        rw, rl = response_logps(ref, ids, attn, mask)[0].chunk(2)
+    pw, pl, rw, rl = _our_logps(policy, ref, batch, chunk_size=16)
     assert (pw - rw - (pl - rl)).abs().min() > 1e-3          # a non-trivial comparison
     ours = spin_logistic(pw, pl, rw, rl, 0.1).mean()
     ours.backward()
@@ -95,10 +100,7 @@ def test_sppo_hard_equals_trl(tokenizer, tmp_path):
             for i in range(3)]
     policy, ref, batch, trl_loss, trl_grads = trl_oracle(tokenizer, tmp_path, rows, "sppo_hard",
                                                          0.5)
-    mask = batch["completion_mask"].bool()
-    pw, pl = response_logps(policy, batch["input_ids"], batch["attention_mask"], mask)[0].chunk(2)
-    with torch.no_grad():
-        rw, rl = response_logps(ref, batch["input_ids"], batch["attention_mask"], mask)[0].chunk(2)
+    pw, pl, rw, rl = _our_logps(policy, ref, batch)
     ours = sppo_hard(pw, pl, rw, rl, 0.5).mean()
     ours.backward()
     assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5)

@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt
 
 from selfplay.data.run_layout import RunLayout
 from selfplay.errors import SelfplayError
-from selfplay.stages.report import ModelRow, accuracy_cell, change_cell, load_models
+from selfplay.stages.report import (ModelRow, accuracy_band, accuracy_cell, change_cell,
+                                   load_models)
 from selfplay.stats import paired_change
 
 
@@ -57,10 +58,9 @@ def compare(run_dirs: list[Path], out_dir: Path) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for n, models in arms.items():
         xs = list(range(len(models)))
-        acc = [100 * (m.eval["accuracy"] or 0) for m in models]
-        ci = [m.eval.get("accuracy_ci95") or [m.eval["accuracy"] or 0] * 2 for m in models]
+        acc, lo, hi = accuracy_band(models)
         ax.plot(xs, acc, "o-", label=n)
-        ax.fill_between(xs, [100 * c[0] for c in ci], [100 * c[1] for c in ci], alpha=0.2)
+        ax.fill_between(xs, lo, hi, alpha=0.2)
     longest = max(arms.values(), key=len)
     ax.set_xticks(range(len(longest)), [m.name for m in longest])
     ax.set_ylabel("held-out accuracy (%)")

@@ -54,6 +54,14 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
+def accuracy_band(models: list[ModelRow]) -> tuple[list[float], list[float], list[float]]:
+    """Accuracy, and the low and high ends of its 95% interval, in percent, per model (an
+    evaluation without an interval gives a band of zero width)."""
+    acc = [100 * (m.eval["accuracy"] or 0) for m in models]
+    ci = [m.eval.get("accuracy_ci95") or [a / 100] * 2 for m, a in zip(models, acc)]
+    return acc, [100 * c[0] for c in ci], [100 * c[1] for c in ci]
+
+
 def accuracy_cell(e: dict) -> str:
     """`21.0% (15.9–27.2)`: the accuracy and its 95% Wilson interval."""
     if e.get("accuracy") is None:
@@ -136,10 +144,9 @@ def plots(models: list[ModelRow], out: Path, method: str = "spin") -> list[Path]
     paths = []
     fig, ax = plt.subplots(figsize=(6, 3.6))
     xs = list(range(len(models)))
-    acc = [100 * (m.eval["accuracy"] or 0) for m in models]
-    ci = [m.eval.get("accuracy_ci95") or [m.eval["accuracy"] or 0] * 2 for m in models]
-    ax.errorbar(xs, acc, yerr=[[max(0.0, a - 100 * c[0]) for a, c in zip(acc, ci)],
-                               [max(0.0, 100 * c[1] - a) for a, c in zip(acc, ci)]],
+    acc, lo, hi = accuracy_band(models)
+    ax.errorbar(xs, acc, yerr=[[max(0.0, a - x) for a, x in zip(acc, lo)],
+                               [max(0.0, x - a) for a, x in zip(acc, hi)]],
                 fmt="o-", capsize=3, label="task accuracy (held-out), 95% CI")
     wr = [(i, 100 * m.eval["win_rate"]) for i, m in enumerate(models)
           if m.eval.get("win_rate") is not None]
