@@ -60,7 +60,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     on_gpu = model.device.type == "cuda"
     big = args.batch_size or (128 if on_gpu else 64)
-    prompts = [r["messages"][:1] for r in split_rows("train", 0, n_train=args.prompts)]
+    prompts = [r["messages"][:1] for r in split_rows("train", 0, {"train": args.prompts})]
     results = {}
 
     def timed(name, fn):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and entry point: creates or reuses .venv, installs what is missing, then runs
-#   scripts/dev.sh run  [args]   the main job on the embedded default model
+#   scripts/dev.sh run  [args]   the main job: the SPIN paper's experiment on the embedded
+#                                default model (recipes/spin-smollm2-run.yaml; args override it)
 #   scripts/dev.sh test [args]   the test suite (pytest)
 #   scripts/dev.sh env           set-up only
 # torch is installed first at exactly $SELFPLAY_TORCH (default 2.13.0), so that no later
@@ -39,7 +40,7 @@ fi
 cmd=${1:-env}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-  run)  exec "$VENV/bin/selfplay" run "$@" ;;
+  run)  exec "$VENV/bin/selfplay" run recipes/spin-smollm2-run.yaml "$@" ;;
   test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
   env)  echo "[setup] ready: $VENV" ;;
   *)    echo "usage: scripts/dev.sh run|test|env [args]" >&2; exit 2 ;;

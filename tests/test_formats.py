@@ -131,7 +131,7 @@ def test_directory_split_selection(tmp_path):
 
 
 def test_builtin_task_suite_reads_like_any_dataset():
-    res = read_examples("builtin:tasks", split="test", tasks_test_size=12)
+    res = read_examples("builtin:tasks", split="test", tasks_sizes={"test": 12})
     assert len(res.examples) == 12 and res.layout == "messages"
     assert all(e.reference.rstrip().split("\n")[-1].startswith("Answer: ") for e in res.examples)
     assert all("family" in e.extra and "answer" in e.extra for e in res.examples)
@@ -141,8 +141,8 @@ def test_uncached_hub_dataset_offline_is_one_sentence(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(SelfplayError, match=r"dataset 'someorg/not-cached' split 'train' could "
-                                            r"not be loaded .* pass a local path"):
+    with pytest.raises(SelfplayError, match=r"dataset 'someorg/not-cached' split 'train' is "
+                                            r"neither a local file .* pass a local path"):
         read_examples("someorg/not-cached")
 
 

@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "selfplay"
 
 FLOORS = {
-    "selfplay.errors": 0,
+    "selfplay.errors": 0, "selfplay.hub": 0,
     "selfplay.rendering": 1, "selfplay.logprobs": 1, "selfplay.losses": 1, "selfplay.config": 1,
     "selfplay.data": 1, "selfplay.judges.preferences": 1, "selfplay.stats": 1,
     "selfplay.models": 2, "selfplay.engines": 2,

@@ -2,6 +2,7 @@
 `selfplay run`: the SFT stage and the SFT control arm. Its loss is tested in test_losses.py."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -81,7 +82,8 @@ def test_sft_refuses_pair_options():
 
 def _run(model_dir, out, *extra):
     return main(["run", "--model", str(model_dir), "--output_dir", str(out), "--max_prompts",
-                 "6", "--tasks_test_size", "8", "--max_new_tokens", "6",
+                 "6", "--eval_split", "validation", "--tasks_validation_size", "8",
+                 "--max_new_tokens", "6",
                  "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
                  "--logging_steps", "1", "--num_iterations", "2", "--sft_epochs", "1",
                  "--sft_max_prompts", "8", "--sft_learning_rate", "1e-3", "--skip_prompts", "8",
@@ -110,8 +112,10 @@ def test_sft_stage_makes_theta_0(arms):
     assert [json.loads(x)["prompt_id"] for x in shard.read_text().splitlines()] == train[8:]
     sft_eval = json.loads((arms / "spin" / "sft" / "eval.json").read_text())
     assert sft_eval["paired"]["n"] == 8 and len(sft_eval["accuracy_ci95"]) == 2
+    assert sft_eval["split"] == "validation"          # --eval_split: choosing, not testing
     report = (arms / "spin" / "report.md").read_text()
     assert "| SFT |" in report and "From start to iteration 1" in report
+    assert "From SFT to iteration 1" in report and "2 iteration(s) finished" in report
 
 
 def test_control_arm_spends_as_many_updates_on_the_same_prompts(arms):
@@ -138,5 +142,25 @@ def test_compare_the_arms(arms, tmp_path):
                  str(out)]) == 0
     page = (out / "compare.md").read_text()
     assert "spin (spin)" in page and "sft (sft)" in page and "| iteration 1 |" in page
+    # lined up at θ_0, the SFT model both arms made the same way: no difference there
+    theta0 = next(x for x in page.splitlines() if x.startswith("| θ_0 |"))
+    assert "+0.0 pts (0↑ 0↓" in theta0
     assert (out / "compare.png").stat().st_size > 1000
     assert main(["compare", str(arms / "spin")]) == 2        # one arm is no comparison
+
+
+def test_control_arm_takes_its_updates_from_a_spin_run(arms, tiny_model_dir, tmp_path):
+    # --drop_identical can leave SPIN fewer pairs than prompts: the arm then matches the run
+    spin = tmp_path / "spin"
+    shutil.copytree(arms / "spin", spin)
+    for t, steps in ((0, 1), (1, 3)):
+        done = spin / f"iter{t}" / "model" / "training_complete.json"
+        done.write_text(json.dumps({**json.loads(done.read_text()), "steps": steps}))
+    out = tmp_path / "ctrl"
+    assert _run(tiny_model_dir, out, "--method", "sft", "--match_steps_of", str(spin)) == 0
+    assert [json.loads((out / f"iter{t}" / "model" / "training_complete.json").read_text())
+            ["steps"] for t in (0, 1)] == [1, 3]
+    (spin / "iter1" / "model" / "training_complete.json").unlink()
+    assert _run(tiny_model_dir, tmp_path / "ctrl2", "--method", "sft", "--match_steps_of",
+                str(spin)) == 2                 # iteration 1 of that run never finished
+    assert _run(tiny_model_dir, tmp_path / "x", "--match_steps_of", str(spin)) == 2  # not SPIN

@@ -1,3 +1,4 @@
+import re
 from collections import Counter
 
 import pytest
@@ -11,16 +12,29 @@ def test_same_seed_same_tasks_other_seed_other_tasks():
     assert a != tasks.generate("train", 60, seed=1)
 
 
-def test_test_split_does_not_depend_on_train_size():
-    assert tasks.split_rows("test", 0, n_train=10, n_test=50) == \
-        tasks.split_rows("test", 0, n_train=3000, n_test=50)
+def test_no_split_depends_on_another_splits_size():
+    small = {"train": 10, "validation": 5, "test": 50}
+    large = {"train": 3000, "validation": 400, "test": 50}
+    assert tasks.split_rows("test", 0, small) == tasks.split_rows("test", 0, large)
+    assert tasks.split_rows("validation", 0, {**small, "validation": 7}) == \
+        tasks.split_rows("validation", 0, {**large, "validation": 7})
 
 
 def test_splits_never_share_a_prompt():
     train = {t.prompt for t in tasks.generate("train", 3000, seed=0)}
+    val = {t.prompt for t in tasks.generate("validation", 400, seed=0)}
     test = {t.prompt for t in tasks.generate("test", 600, seed=0)}
-    assert len(train) == 3000 and len(test) == 600
-    assert not train & test
+    assert (len(train), len(val), len(test)) == (3000, 400, 600)
+    assert not train & test and not train & val and not val & test
+
+
+def test_held_out_splits_are_drawn_like_train():
+    # the same generators and templates: every held-out reference opening occurs in train
+    def openings(split, n):
+        return {(t.family, re.sub(r"\d+", "#", " ".join(t.reference.split()[:2])))
+                for t in tasks.generate(split, n)}
+    train = openings("train", 3000)
+    assert openings("test", 500) <= train and openings("validation", 300) <= train
 
 
 def test_families_are_balanced_and_worded_variously():
@@ -71,7 +85,7 @@ def test_checker(family, answer, response, ok):
 
 
 def test_rows_are_in_messages_layout():
-    row = tasks.split_rows("train", 0, n_train=6)[0]
+    row = tasks.split_rows("train", 0, {"train": 6})[0]
     assert set(row) == {"prompt_id", "prompt", "messages", "family", "answer"}
     assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
     assert row["prompt_id"].startswith(row["family"] + "-")
@@ -84,9 +98,10 @@ def test_export_command_writes_readable_splits(tmp_path):
                  "--tasks_test_size", "12"]) == 0
     train = read_examples(str(tmp_path / "suite"), split="train")
     test = read_examples(str(tmp_path / "suite"), split="test")
-    assert len(train.examples) == 30 and len(test.examples) == 12
+    val = read_examples(str(tmp_path / "suite"), split="validation")
+    assert (len(train.examples), len(val.examples), len(test.examples)) == (30, 300, 12)
     assert [e.prompt_id for e in train.examples] == \
-        [r["prompt_id"] for r in tasks.split_rows("train", 0, n_train=30)]
+        [r["prompt_id"] for r in tasks.split_rows("train", 0, {"train": 30})]
     assert main(["tasks", "export", str(tmp_path / "pq"), "--n", "6", "--export_format",
                  "parquet"]) == 0
     assert len(read_examples(str(tmp_path / "pq" / "train.parquet")).examples) == 6
@@ -104,3 +119,37 @@ def test_evaluate_command_with_baseline(tiny_model_dir, tmp_path, capsys):
     assert r["n"] == 12 and r["win_rate"] == 0.5          # a model against itself ties
     assert r["baseline"]["accuracy"] == r["accuracy"]
     assert set(r["per_family"]) == set(tasks.FAMILIES)
+
+
+def test_evaluate_against_a_saved_evaluation(tiny_model_dir, tmp_path, capsys):
+    import json
+    from pathlib import Path
+    from selfplay.cli import main
+    common = ["evaluate", "--model", str(tiny_model_dir), "--max_new_tokens", "4"]
+    assert main(common + ["--tasks_test_size", "12", "--output_dir", str(tmp_path / "a")]) == 0
+    saved = str(tmp_path / "a" / "eval.json")
+    assert main(common + ["--tasks_test_size", "12", "--baseline", saved, "--output_dir",
+                          str(tmp_path / "b"), "--reference_likelihood", "false"]) == 0
+    r = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert r["win_rate"] == 0.5 and (r["paired"]["gained"], r["paired"]["lost"]) == (0, 0)
+    assert r["reference_logp_per_token"] is None        # not measured, not made up
+    assert r["rows"] == json.loads(Path(saved).read_text())["rows"]
+    out = capsys.readouterr().out
+    assert "paired change" in out and "reference log-lik/token           -" in out
+    assert main(common + ["--tasks_test_size", "10", "--baseline", saved, "--output_dir",
+                          str(tmp_path / "c")]) != 0
+    assert "evaluated other prompts" in capsys.readouterr().err
+
+
+def test_answer_budget_is_sized_from_the_references(tokenizer):
+    from selfplay.data.formats import read_examples
+    from selfplay.rendering import response_ids
+    from selfplay.stages.evaluate import answer_budget
+    tok = tokenizer
+    ex = read_examples("builtin:tasks", "test", tasks_sizes={"test": 60}).examples
+    longest = max(len(response_ids(tok, e.reference)) for e in ex)
+    got = answer_budget(tok, ex, cap=256)
+    assert got % 16 == 0 and 1.5 * longest <= got < 1.5 * longest + 16
+    assert answer_budget(tok, ex, cap=40) == 40                    # never above --max_new_tokens
+    assert answer_budget(tok, ex, cap=256, explicit=7) == 7         # --eval_max_new_tokens
+    assert answer_budget(tok, ex[:0], cap=256) == 32

@@ -6,6 +6,7 @@ task suite. Options come from the one schema in config.py; `selfplay COMMAND --h
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import textwrap
@@ -103,7 +104,7 @@ def cmd_evaluate(cfg: Config, args: list[str]) -> int:
 
     base = cfg.evaluation.baseline
     result = evaluate_models(cfg.model, cfg.data, cfg.generation.max_new_tokens, cfg.scoring,
-                             baseline=base or None)
+                             cfg.evaluation)
     out = Path(cfg.job.output_dir)
     write_json_atomic(out / "eval.json", result)
     print(format_table(result, result.get("baseline"),
@@ -169,7 +170,7 @@ def cmd_compare(cfg: Config, args: list[str]) -> int:
 
 def cmd_tasks(cfg: Config, args: list[str]) -> int:
     from selfplay.data.shards import write_jsonl_atomic, write_parquet_atomic
-    from selfplay.data.tasks import FAMILIES, split_rows
+    from selfplay.data.tasks import FAMILIES, SPLITS, split_rows
 
     action, out = args
     if action != "export":
@@ -177,8 +178,8 @@ def cmd_tasks(cfg: Config, args: list[str]) -> int:
     d = cfg.data
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "test"):
-        rows = split_rows(split, d.tasks_seed, d.tasks_train_size, d.tasks_test_size)
+    for split in SPLITS:
+        rows = split_rows(split, d.tasks_seed, d.tasks_sizes())
         path = out_dir / f"{split}.{d.export_format}"
         (write_parquet_atomic if d.export_format == "parquet" else write_jsonl_atomic)(path, rows)
         print(f"wrote {path}: {len(rows)} examples in {len(FAMILIES)} families")
@@ -267,8 +268,17 @@ def _print(text: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def quiet_unactionable_warnings() -> None:
+    """bitsandbytes logs at import, on any CPU with AVX512-BF16, that the optional `kernels`
+    package is missing; its own fallback runs instead, and 4-bit weights are a GPU path here:
+    nothing a user can act on, printed by every command that imports peft."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda r: "kernels-community" not in r.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_unactionable_warnings()
     if not argv or argv[0] in ("-h", "--help", "help"):
         _print(_main_help())
         return 0

@@ -102,12 +102,22 @@ class DataSettings:
                             "see.", DATA_CMDS)
     tasks_train_size: int = opt(2000, "Examples in the bundled suite's train split.",
                                 DATA_CMDS | {"tasks"}, aliases=("n",))
-    tasks_test_size: int = opt(200, "Examples in the bundled suite's test split.",
+    tasks_validation_size: int = opt(300, "Examples in the bundled suite's validation split "
+                                     "(for choosing a recipe; never the test split).",
+                                     DATA_CMDS | {"tasks"})
+    tasks_test_size: int = opt(500, "Examples in the bundled suite's test split.",
                                DATA_CMDS | {"tasks"})
     tasks_seed: int = opt(0, "Seed of the bundled task suite (the same seed, the same tasks).",
                           DATA_CMDS | {"tasks"}, aliases=("seed",))
     export_format: str = opt("jsonl", "File format of `selfplay tasks export`.", {"tasks"},
                              choices=("jsonl", "parquet"))
+    eval_split: str = opt("", "Split the run's evaluations read (default: the suite's test split "
+                          "when training on train; 'validation' to choose a recipe without "
+                          "touching test).", {"run"})
+
+    def tasks_sizes(self) -> dict[str, int]:
+        return {"train": self.tasks_train_size, "validation": self.tasks_validation_size,
+                "test": self.tasks_test_size}
 
 
 @dataclass
@@ -229,8 +239,15 @@ class LoraSettings:
 @dataclass
 class EvaluationSettings:
     """What a model is compared against."""
-    baseline: str = opt("", "A second model to compare against: head-to-head win rate on the "
-                        "same prompts.", {"evaluate"})
+    baseline: str = opt("", "A second model, or a saved eval.json of the same prompts, to "
+                        "compare against: win rate and paired sign test.", {"evaluate"})
+    eval_max_new_tokens: int = opt(
+        0, "Most tokens per evaluated answer; 0 sizes it from the data: 1.5 times the "
+        "longest reference answer, at least 32, at most --max_new_tokens.", {"evaluate", "run"})
+    reference_likelihood: bool = opt(
+        True, "Also measure the log-likelihood of the reference answers (one more forward pass "
+        "over every prompt and reference, about a third of an evaluation's time on CPU).",
+        {"evaluate", "run"})
 
 
 @dataclass
@@ -264,6 +281,9 @@ class RunSettings:
     force: bool = opt(False, "Resume a run directory even though the recipe changed.", {"run"})
     push_to_hub: str = opt("", "Push the final model to this hub repository (nothing is pushed "
                            "unless set).", {"run"})
+    match_steps_of: str = opt("", "With --method sft: a SPIN run directory whose iterations set "
+                              "this arm's updates per iteration (--drop_identical can leave SPIN "
+                              "fewer pairs than prompts).", {"run"})
     iterations: list = opt(None, "Per-iteration overrides, a list of mappings (recipe only), "
                            "e.g. [{}, {}, {learning_rate: 1.0e-7}, {beta: 5.0}].", {"run"},
                            default_factory=list)
@@ -406,12 +426,15 @@ class Config:
               "--use_peft; 4-bit weights themselves cannot be trained.")
         _need(not (tr.resume and self.job.overwrite),
               "--resume and --overwrite contradict each other.")
+        _need(not self.run.match_steps_of or self.run.method == "sft",
+              "--match_steps_of sets the updates of the SFT control arm; it needs --method sft.")
         _need(self.run.method != "sppo" or (g.num_samples >= 2
                                             and tr.loss_type.startswith("sppo")),
               "--method sppo needs --num_samples of at least 2 (the paper: 5) and an SPPO "
               "--loss_type (sppo, sppo_single or sppo_hard).")
-        _need(d.tasks_train_size > 0 and d.tasks_test_size > 0,
-              "--tasks_train_size and --tasks_test_size must be positive.")
+        _need(min(d.tasks_sizes().values()) > 0,
+              "--tasks_train_size, --tasks_validation_size and --tasks_test_size must be "
+              "positive.")
 
 
 def _need(ok: bool, msg: str) -> None:

@@ -14,17 +14,16 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from selfplay import hub
 from selfplay.config import LoraSettings
 from selfplay.errors import SelfplayError
 
@@ -129,20 +128,12 @@ def resolve(spec: str) -> ModelSource:
             raise SelfplayError(f"{p} is a directory but holds no config.json: it is not a "
                                 "Hugging Face checkpoint.")
         return ModelSource(spec, "local", str(p))
+    if p.is_file():
+        raise SelfplayError(f"model {spec} is a file, not a model: give a checkpoint directory "
+                            "(config.json and weights), a .gguf file, a hub id or 'default'.")
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise SelfplayError(f"model path {spec} does not exist.")
     return ModelSource(spec, "hub", spec)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def from_pretrained(loader, src: ModelSource, **kwargs):
@@ -153,7 +144,7 @@ def from_pretrained(loader, src: ModelSource, **kwargs):
         return loader.from_pretrained(src.location, local_files_only=True, **kwargs)
     except OSError:
         pass
-    if not _hub_reachable():
+    if not hub.reachable():
         raise SelfplayError(
             f"model {src.spec!r} is not in the local Hugging Face cache and the hub cannot be "
             f"reached; download it where there is network (`hf download {src.spec}`) or pass a "

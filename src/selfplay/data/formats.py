@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from selfplay import hub
 from selfplay.config import DataSettings
 from selfplay.data import tasks
 from selfplay.errors import SelfplayError
@@ -190,8 +192,13 @@ def detect_layout(columns: set[str], source: str) -> str:
 def _iter_file(path: Path) -> Iterator[tuple[int, dict | Exception]]:
     """(row number, row) pairs; a row that is not valid JSON comes back as the exception."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
+        with path.open("rb") as fh:      # decoded per line: one bad byte is one bad row
+            for n, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8").lstrip("\ufeff")
+                except UnicodeDecodeError as e:
+                    yield n, RowError(f"not UTF-8 text (byte {e.start} of the line)")
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -202,9 +209,11 @@ def _iter_file(path: Path) -> Iterator[tuple[int, dict | Exception]]:
                 yield n, row if isinstance(row, dict) else RowError("not a JSON object")
     elif path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
             raise SelfplayError(f"{path}: not valid JSON at line {e.lineno} ({e.msg}).") from None
+        except UnicodeDecodeError as e:
+            raise SelfplayError(f"{path}: not UTF-8 text (byte {e.start}).") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -252,27 +261,31 @@ def files_for_split(directory: Path, split: str) -> list[Path]:
 
 
 def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[str, int, dict]]:
+    online = hub.reachable()
+    if not online:    # datasets would retry the network for half a minute; offline, it reads
+        os.environ["HF_DATASETS_OFFLINE"] = "1"                 # only its local cache
     import datasets
 
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE or not online
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises connection and lookup errors alike
+        where = "a cached hub dataset, and the hub cannot be reached" if not online else \
+            f"a hub dataset ({type(e).__name__})"
         raise SelfplayError(
-            f"dataset {dataset_id!r} split {split!r} could not be loaded ({type(e).__name__}): it "
-            "is neither a local file or directory nor a cached hub dataset; pass a local path "
-            "with --dataset.") from None
+            f"dataset {dataset_id!r} split {split!r} is neither a local file or directory nor "
+            f"{where}; pass a local path with --dataset.") from None
     for n, row in enumerate(ds, 1):
         yield f"{dataset_id}[{split}]", n, row
 
 
 def read_examples(source: str, split: str = "train", layout: str = "auto",
                   reference_turn: str = "first", skip_bad_rows: bool = False,
-                  max_prompts: int = 0, tasks_seed: int = 0, tasks_train_size: int = 2000,
-                  tasks_test_size: int = 200, skip_prompts: int = 0) -> ReadResult:
+                  max_prompts: int = 0, tasks_seed: int = 0,
+                  tasks_sizes: dict[str, int] | None = None, skip_prompts: int = 0) -> ReadResult:
     """Read a dataset into Examples; see the module docstring for layouts and error handling."""
     if source == BUILTIN_TASKS:
-        rows = tasks.split_rows(split, seed=tasks_seed, n_train=tasks_train_size,
-                                n_test=tasks_test_size)
+        rows = tasks.split_rows(split, seed=tasks_seed, sizes=tasks_sizes)
         stream: Iterator[tuple[str, int, Any]] = ((f"{BUILTIN_TASKS}[{split}]", n, r)
                                                   for n, r in enumerate(rows, 1))
         files = [BUILTIN_TASKS]
@@ -332,7 +345,7 @@ def read_for(data: DataSettings, split: str | None = None) -> ReadResult:
     """read_examples with a command's data settings, reporting what was read and skipped."""
     res = read_examples(data.dataset, split or data.split, data.dataset_layout,
                         data.reference_turn, data.skip_bad_rows, data.max_prompts,
-                        data.tasks_seed, data.tasks_train_size, data.tasks_test_size,
+                        data.tasks_seed, data.tasks_sizes(),
                         data.skip_prompts)
     print(f"read {res.summary()}", file=sys.stderr)
     for msg in res.skipped[:5]:
@@ -341,6 +354,8 @@ def read_for(data: DataSettings, split: str | None = None) -> ReadResult:
 
 
 def held_out_split(data: DataSettings) -> str:
-    """The split evaluations read: the suite's test split when the run trains on its train
-    split, else the split given."""
+    """The split evaluations read: --eval_split if given; else the suite's test split when the
+    run trains on its train split, else the split given."""
+    if data.eval_split:
+        return data.eval_split
     return "test" if data.dataset == BUILTIN_TASKS and data.split == "train" else data.split

@@ -172,7 +172,7 @@ def read_pairs(source: str, split: str, data: DataSettings
     """Every pair of one dataset, and the reader's result (layout, files, skipped rows)."""
     res = read_examples(source, split, data.dataset_layout, data.reference_turn,
                         data.skip_bad_rows, data.max_prompts, data.tasks_seed,
-                        data.tasks_train_size, data.tasks_test_size, data.skip_prompts)
+                        data.tasks_sizes(), data.skip_prompts)
     return [pair_from_example(ex, source) for ex in res.examples], res
 
 

@@ -5,8 +5,10 @@ arithmetic, comparisons), each with several wordings, names and units, so that n
 sentence can be memorised. Every reference is a short worked answer ending in `Answer: X`;
 `check()` extracts the final answer from any response, tolerant of format.
 
-Splits never share a prompt: a prompt's split is decided by a hash of its text, and each split
-is drawn from its own seeded stream, so the test split does not depend on the train size.
+Three splits never share a prompt: a prompt's split (train, validation, test) is decided by a
+hash of its text, and each split is drawn from its own seeded stream, so no split depends on
+another's size. Validation is for choosing recipes; test is reported once. Every split is drawn
+by the same generators, so held-out prompts are never easier or different in kind from train.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from typing import Callable
 from selfplay.errors import SelfplayError
 
 FAMILIES = ("arithmetic", "units", "strings", "sorting", "calendar", "comparison")
-TEST_SHARE = 0.2   # the share of the prompt space that belongs to the test split
+SPLITS = ("train", "validation", "test")
+TEST_SHARE = 0.2        # the share of the prompt space that belongs to the test split
+VALIDATION_SHARE = 0.1  # and to the validation split (carved out of what was train)
+DEFAULT_SIZES = {"train": 2000, "validation": 300, "test": 500}
 
 NAMES = ("Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jack",
          "Kira", "Liam", "Maya", "Noah", "Olga", "Pablo", "Rosa", "Sam", "Tara", "Yuki")
@@ -50,9 +55,9 @@ class Task:
 
 def _arithmetic(rng: random.Random) -> Task:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    kind = rng.choice(("add", "sub", "mul", "add_sub"))
+    kind = rng.choice(("add", "sub", "mul", "add_sub", "mul_add"))
     if kind == "add":
-        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        a, b = rng.randint(12, 99), rng.randint(12, 99)
         q = rng.choice((f"{name} has {a} {item} and gets {b} more. How many {item} does {name} "
                         "have now?",
                         f"There are {a} {item} in a box. {name} puts in {b} more. How many {item}"
@@ -62,8 +67,8 @@ def _arithmetic(rng: random.Random) -> Task:
         ans = a + b
         ref = f"We add the two amounts: {a} + {b} = {ans}.\nAnswer: {ans}"
     elif kind == "sub":
-        a = rng.randint(8, 30)
-        b = rng.randint(1, a - 1)
+        a = rng.randint(30, 99)
+        b = rng.randint(3, a - 1)
         q = rng.choice((f"{name} has {a} {item} and gives away {b}. How many {item} are left?",
                         f"A jar holds {a} {item}. {name} takes out {b}. How many {item} remain "
                         "in the jar?",
@@ -72,7 +77,7 @@ def _arithmetic(rng: random.Random) -> Task:
         ans = a - b
         ref = f"We subtract what is gone: {a} - {b} = {ans}.\nAnswer: {ans}"
     elif kind == "mul":
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        a, b = rng.randint(3, 12), rng.randint(3, 12)
         q = rng.choice((f"{name} has {a} bags with {b} {item} in each bag. How many {item} is "
                         "that in total?",
                         f"There are {a} rows of {item} with {b} {item} in each row. How many "
@@ -81,15 +86,24 @@ def _arithmetic(rng: random.Random) -> Task:
                         f"{item} does {name} buy?"))
         ans = a * b
         ref = f"There are {a} groups of {b}, so we multiply: {a} x {b} = {ans}.\nAnswer: {ans}"
-    else:
-        a, b = rng.randint(3, 15), rng.randint(2, 10)
-        c = rng.randint(1, a + b - 1)
+    elif kind == "add_sub":
+        a, b = rng.randint(10, 60), rng.randint(5, 40)
+        c = rng.randint(2, a + b - 1)
         q = rng.choice((f"{name} has {a} {item}, finds {b} more, then gives {c} to a friend. "
                         f"How many {item} does {name} have now?",
                         f"A basket has {a} {item}. {name} adds {b} and later removes {c}. How "
                         f"many {item} are in the basket?"))
         ans = a + b - c
         ref = (f"First add: {a} + {b} = {a + b}. Then subtract: {a + b} - {c} = {ans}.\n"
+               f"Answer: {ans}")
+    else:
+        a, b, c = rng.randint(2, 9), rng.randint(3, 12), rng.randint(2, 30)
+        q = rng.choice((f"{name} has {c} {item} and buys {a} packs with {b} {item} in each "
+                        f"pack. How many {item} does {name} have now?",
+                        f"A shelf holds {c} {item}. {name} adds {a} boxes of {b} {item}. How "
+                        f"many {item} are on the shelf?"))
+        ans = a * b + c
+        ref = (f"First multiply: {a} x {b} = {a * b}. Then add: {a * b} + {c} = {ans}.\n"
                f"Answer: {ans}")
     return Task("arithmetic", q, ref, str(ans))
 
@@ -105,7 +119,7 @@ UNITS = (  # (big unit, small unit, factor)
 
 def _units(rng: random.Random) -> Task:
     big, small, factor = rng.choice(UNITS)
-    n = rng.randint(2, 12)
+    n = rng.randint(2, 12) if rng.random() < 0.4 else rng.randint(13, 60)
     one = {"dozens": "dozen", "feet": "foot", "centuries": "century"}.get(big, big[:-1])
     q = rng.choice((f"How many {small} are in {n} {big}?",
                     f"Convert {n} {big} to {small}.",
@@ -188,7 +202,7 @@ def _calendar(rng: random.Random) -> Task:
     kind = rng.choice(("day_after", "day_after", "day_before", "month_after", "month_after",
                        "hours", "age"))
     if kind in ("day_after", "day_before"):
-        d, n = rng.randrange(7), rng.choice((1, 1, 1, 2, 3, 4))
+        d, n = rng.randrange(7), rng.randint(1, 9)
         sign = 1 if kind == "day_after" else -1
         ans = DAYS[(d + sign * n) % 7]
         word = "after" if sign == 1 else "before"
@@ -202,7 +216,7 @@ def _calendar(rng: random.Random) -> Task:
         steps = ", ".join(DAYS[(d + sign * i) % 7] for i in range(1, n + 1))
         ref = f"Counting {n} day{'s' if n > 1 else ''} {word} {DAYS[d]}: {steps}.\nAnswer: {ans}"
     elif kind == "month_after":
-        m, n = rng.randrange(12), rng.choice((1, 1, 1, 2, 3))
+        m, n = rng.randrange(12), rng.randint(1, 7)
         ans = MONTHS[(m + n) % 12]
         months = f"{n} month{'s' if n > 1 else ''}"
         q = rng.choice((f"Which month comes {months} after {MONTHS[m]}?",
@@ -217,26 +231,30 @@ def _calendar(rng: random.Random) -> Task:
                         f"A school opened in {born}. In what year is its {age}th anniversary?"))
         ref = f"We add the years: {born} + {age} = {ans}.\nAnswer: {ans}"
     else:
-        h, n = rng.randint(1, 9), rng.randint(1, 3)
-        ans = str(h + n)
+        h, n = rng.randint(1, 12), rng.randint(1, 11)
+        ans = str((h + n - 1) % 12 + 1)
         q = rng.choice((f"It is {h} o'clock. What time will it be in {n} hour"
                         f"{'s' if n > 1 else ''}? Give the hour.",
                         f"A train leaves at {h} o'clock and the trip takes {n} hour"
                         f"{'s' if n > 1 else ''}. At what hour does it arrive?"))
-        ref = f"{h} + {n} = {ans}, so it will be {ans} o'clock.\nAnswer: {ans}"
+        wrap = f", and {h + n} - 12 = {ans}" if h + n > 12 else ""
+        ref = f"{h} + {n} = {h + n}{wrap}, so it will be {ans} o'clock.\nAnswer: {ans}"
     return Task("calendar", q, ref, ans)
 
 
 def _comparison(rng: random.Random) -> Task:
-    kind = rng.choice(("larger", "smaller", "parity", "older"))
+    kind = rng.choice(("larger", "larger", "smaller", "smaller", "parity", "older"))
     if kind in ("larger", "smaller"):
-        a, b = rng.sample(range(1, 100), 2)
+        a = rng.randint(100, 999)
+        b = a + rng.choice((-1, 1)) * rng.randint(1, 40 if rng.random() < 0.5 else 400)
+        if not 10 <= b <= 999 or b == a:
+            b = rng.choice([x for x in range(100, 1000) if x != a])
         ans = str(max(a, b) if kind == "larger" else min(a, b))
         q = rng.choice((f"Which number is {kind}, {a} or {b}?",
                         f"Of {a} and {b}, which is {kind}?"))
         ref = f"Comparing {a} and {b}, the {kind} number is {ans}.\nAnswer: {ans}"
     elif kind == "parity":
-        n = rng.randint(2, 99)
+        n = rng.randint(2, 9999)
         ans = "even" if n % 2 == 0 else "odd"
         q = rng.choice((f"Is {n} an even or an odd number?", f"Is the number {n} even or odd?"))
         ref = (f"{n} ends in {n % 10}, which is {ans}, so {n} is {ans}.\n"
@@ -262,13 +280,15 @@ GENERATORS: dict[str, Callable[[random.Random], Task]] = {
 
 def split_of(prompt: str) -> str:
     h = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "test" if h < TEST_SHARE else "train"
+    if h < TEST_SHARE:
+        return "test"
+    return "validation" if h < TEST_SHARE + VALIDATION_SHARE else "train"
 
 
 def generate(split: str, n: int, seed: int = 0) -> list[Task]:
     """n distinct tasks of one split, families in turn; the same (split, n, seed) gives the same."""
-    if split not in ("train", "test"):
-        raise ValueError(f"the task suite has splits train and test, not {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"the task suite has splits {', '.join(SPLITS)}, not {split!r}")
     rng = random.Random(f"selfplay-tasks/{seed}/{split}")
     seen: set[str] = set()
     out: list[Task] = []
@@ -295,10 +315,13 @@ def to_row(task: Task) -> dict:
             "family": task.family, "answer": task.answer}
 
 
-def split_rows(split: str, seed: int = 0, n_train: int = 2000, n_test: int = 200) -> list[dict]:
-    if split not in ("train", "test"):
-        raise SelfplayError(f"the bundled task suite has splits train and test, not {split!r}.")
-    return [to_row(t) for t in generate(split, n_train if split == "train" else n_test, seed)]
+def split_rows(split: str, seed: int = 0, sizes: dict[str, int] | None = None) -> list[dict]:
+    """The rows of one split; `sizes` maps split names to sizes (DEFAULT_SIZES otherwise)."""
+    if split not in SPLITS:
+        raise SelfplayError(f"the bundled task suite has splits {', '.join(SPLITS)}, not "
+                            f"{split!r}.")
+    n = {**DEFAULT_SIZES, **(sizes or {})}[split]
+    return [to_row(t) for t in generate(split, n, seed)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """`selfplay compare RUN_DIR RUN_DIR ... --output_dir OUT`: arms of an experiment side by side.
 
 Each run directory is one arm (SPIN, the SFT control arm, SPPO, ...). The arms are lined up
-step by step (start, SFT, iteration 0, 1, ...); the page shows each arm's accuracy with its
+at θ_0, the model their iteration 0 starts from (the SFT model when there is an SFT stage),
+then iteration by iteration; the page shows each arm's accuracy with its
 95% interval, and at each step the paired difference between the first arm and each other
 one on the same held-out prompts, with an exact sign test. One plot draws every arm with
 its confidence band.
@@ -31,12 +32,23 @@ def _correct(m: ModelRow) -> list[bool | None]:
     return [r["correct"] for r in m.eval.get("rows", [])]
 
 
+def aligned(models: list[ModelRow]) -> list[ModelRow]:
+    """θ_0 (the model iteration 0 starts from: the SFT model, or the start when there was no
+    SFT stage), then each iteration's model. Arms line up there: an SFT control arm started
+    from another run's SFT model (`--model RUN/sft/model --sft_epochs 0`) has the same θ_0."""
+    first = next((i for i, m in enumerate(models) if m.name.startswith("iteration")),
+                 len(models))
+    theta0 = models[max(first - 1, 0)]
+    return [ModelRow(f"θ_0 ({theta0.name})", theta0.eval, theta0.train, theta0.pairs)] \
+        + models[first:]
+
+
 def compare(run_dirs: list[Path], out_dir: Path) -> str:
     """Write OUT/compare.md and OUT/compare.png; return the table."""
     if len(run_dirs) < 2:
         raise SelfplayError("compare needs at least two run directories.")
     layouts = [RunLayout(Path(d)) for d in run_dirs]
-    arms = {_arm_name(lay): load_models(lay) for lay in layouts}
+    arms = {_arm_name(lay): aligned(load_models(lay)) for lay in layouts}
     names = list(arms)
     steps = max(len(models) for models in arms.values())
     first = arms[names[0]]
@@ -44,7 +56,7 @@ def compare(run_dirs: list[Path], out_dir: Path) -> str:
         f"{n} − {names[0]}" for n in names[1:]) + " |"
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for i in range(steps):
-        row = [next((m[i].name for m in arms.values() if i < len(m)), str(i))]
+        row = ["θ_0" if i == 0 else next((m[i].name for m in arms.values() if i < len(m)))]
         row += [accuracy_cell(m[i].eval) if i < len(m) else "–" for m in arms.values()]
         for n in names[1:]:
             other = arms[n]
@@ -62,7 +74,7 @@ def compare(run_dirs: list[Path], out_dir: Path) -> str:
         ax.plot(xs, acc, "o-", label=n)
         ax.fill_between(xs, lo, hi, alpha=0.2)
     longest = max(arms.values(), key=len)
-    ax.set_xticks(range(len(longest)), [m.name for m in longest])
+    ax.set_xticks(range(len(longest)), ["θ_0"] + [m.name for m in longest[1:]])
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("Accuracy per step, 95% confidence bands")
     ax.grid(alpha=0.3)
@@ -76,6 +88,7 @@ def compare(run_dirs: list[Path], out_dir: Path) -> str:
             "pair each arm with the first on the same prompts (↑ the arm right where the first "
             "was wrong, ↓ the reverse), with an exact sign test.", "", table, "",
             "![compare](compare.png)", ""]
-    body += [f"- {n}: `{lay.root}`" for n, lay in zip(names, layouts)]
+    body += [f"- {n}: `{lay.root}`; θ_0 is its {arms[n][0].name[5:-1]} model"
+             for n, lay in zip(names, layouts)]
     (out_dir / "compare.md").write_text("\n".join(body) + "\n")
     return table

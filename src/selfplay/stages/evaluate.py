@@ -8,14 +8,18 @@ under the same truncation (max_length, max_prompt_length) as training sees.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
 
-from selfplay.config import DataSettings, ModelSettings, ScoringSettings
+from selfplay.config import DataSettings, EvaluationSettings, ModelSettings, ScoringSettings
 from selfplay.data.formats import Example, held_out_split, read_for
 from selfplay.data.tasks import check
 from selfplay.engines.hf import Generation, SamplingSettings, generate
+from selfplay.errors import SelfplayError
 from selfplay.logprobs import score_texts
-from selfplay.models import load_model
+from selfplay.models import load_model, load_tokenizer
+from selfplay.rendering import response_ids
 from selfplay.stats import paired_change, wilson_interval
 
 
@@ -37,17 +41,19 @@ def win_rate(ours: list[bool | None], theirs: list[bool | None]) -> float | None
 
 
 def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
-             scoring: ScoringSettings, desc: str = "evaluate") -> dict:
+             scoring: ScoringSettings, desc: str = "evaluate",
+             reference_likelihood: bool = True) -> dict:
     """Greedy generation on every prompt, then the measures; per-row results under `rows`."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0,
                                 batch_size=batch_size)
     gens = generate(model, tokenizer, [e.prompt for e in examples], settings, desc=desc)
     right = correctness(examples, gens)
-    scored = score_texts(model, tokenizer, [(e.prompt, [e.reference]) for e in examples],
-                         scoring.max_length, scoring.max_prompt_length, batch_size,
-                         scoring.logprob_chunk_size, desc="reference likelihood")
-    logp = sum(s[0][0] for s in scored)
-    ntok = sum(s[1][0] for s in scored)
+    ref_logp = None
+    if reference_likelihood:
+        scored = score_texts(model, tokenizer, [(e.prompt, [e.reference]) for e in examples],
+                             scoring.max_length, scoring.max_prompt_length, batch_size,
+                             scoring.logprob_chunk_size, desc="reference likelihood")
+        ref_logp = sum(s[0][0] for s in scored) / max(sum(s[1][0] for s in scored), 1)
     fam: dict[str, list[bool]] = defaultdict(list)
     for e, r in zip(examples, right):
         if r is not None:
@@ -60,7 +66,7 @@ def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, bat
         "per_family": {f: {"n": len(v), "accuracy": sum(v) / len(v),
                            "ci95": list(wilson_interval(sum(v), len(v)))}
                        for f, v in sorted(fam.items())},
-        "reference_logp_per_token": logp / max(ntok, 1),
+        "reference_logp_per_token": ref_logp,
         "mean_response_tokens": sum(g.n_tokens for g in gens) / len(gens),
         "truncated_share": sum(g.finish_reason == "length" for g in gens) / len(gens),
         "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True,
@@ -73,26 +79,56 @@ def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, bat
     }
 
 
+def answer_budget(tokenizer, examples: list[Example], cap: int, explicit: int = 0) -> int:
+    """Tokens an evaluated answer may take: `explicit`, else 1.5 times the longest reference
+    (rounded up to a multiple of 16, at least 32, at most `cap`). Greedy answers after SFT are
+    about as long as the references, so this bounds only the runaways, which cost the most."""
+    if explicit:
+        return explicit
+    longest = max((len(response_ids(tokenizer, e.reference)) for e in examples), default=0)
+    return min(cap, max(32, -(-3 * longest // 32) * 16))
+
+
+def saved_rows(path: Path, prompt_ids: list[str]) -> list[dict]:
+    """The rows of a saved eval.json, checked to be the same prompts in the same order."""
+    try:
+        saved = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SelfplayError(f"--baseline {path} is not a readable eval.json with rows "
+                            f"({type(e).__name__}).") from None
+    if [r.get("prompt_id") for r in saved] != prompt_ids:
+        raise SelfplayError(f"--baseline {path} evaluated other prompts than this evaluation "
+                            "(another split, size or seed); a paired comparison needs the same.")
+    return saved
+
+
 def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: int,
-                    scoring: ScoringSettings, baseline: str | None = None,
+                    scoring: ScoringSettings, evaluation: EvaluationSettings,
                     baseline_rows: list[dict] | None = None) -> dict:
     """Evaluate `model` on the held-out split of `data` (the suite's test split by default).
 
-    With `baseline` (a model) or `baseline_rows` (a previous evaluation's rows), adds the
-    head-to-head win rate and, for a model, the baseline's own measures.
+    With evaluation.baseline (a model, or a saved eval.json of the same prompts) or
+    `baseline_rows` (a previous evaluation's rows), adds the head-to-head win rate and the
+    paired sign test, and for a baseline model its own measures.
     """
     split = held_out_split(data)
     examples = read_for(data, split).examples
+    budget = answer_budget(load_tokenizer(model.model_name_or_path), examples, max_new_tokens,
+                           evaluation.eval_max_new_tokens)
+    baseline = evaluation.baseline
+    if baseline.endswith(".json"):      # a saved evaluation: checked now, before any work
+        baseline_rows = saved_rows(Path(baseline), [e.prompt_id for e in examples])
 
     def run(spec: str, label: str) -> dict:
         lm, tok = load_model(spec, model.device, model.dtype)
-        r = evaluate(lm, tok, examples, max_new_tokens, model.inference_batch_size(), scoring,
-                     desc=f"evaluate {label}")
+        r = evaluate(lm, tok, examples, budget, model.inference_batch_size(), scoring,
+                     desc=f"evaluate {label}",
+                     reference_likelihood=evaluation.reference_likelihood)
         r["model"] = spec
         return r
 
     result = run(model.model_name_or_path, "model")
-    if baseline:
+    if baseline and not baseline.endswith(".json"):
         base = run(baseline, "baseline")
         baseline_rows = base.pop("rows")
         result["baseline"] = base
@@ -130,14 +166,18 @@ def format_table(result: dict, baseline: dict | None = None, name: str = "model"
     rows = [("reference log-lik/token", "reference_logp_per_token", "{:.3f}"),
             ("mean response tokens", "mean_response_tokens", "{:.1f}"),
             ("cut by token limit", "truncated_share", "{:.1%}")]
+
+    def cell(r: dict, key: str, fmt: str) -> str:
+        return "-" if r.get(key) is None else fmt.format(r[key])    # not measured
+
     for label, key, fmt in rows:
-        line = f"{label:<24} {fmt.format(result[key]):>10}"
+        line = f"{label:<24} {cell(result, key, fmt):>10}"
         if baseline:
-            line += f"  {fmt.format(baseline[key]):>10}"
+            line += f"  {cell(baseline, key, fmt):>10}"
         lines.append(line)
     if baseline and result.get("win_rate") is not None:
         lines.append(f"{'win rate vs baseline':<24} {result['win_rate']:>10.1%}")
-    if baseline and result.get("paired"):
+    if result.get("paired"):        # against a baseline model or a saved evaluation
         p = result["paired"]
         lines.append(f"{'paired change':<24} {100 * p['delta']:+9.1f} pts ({p['gained']} gained, "
                      f"{p['lost']} lost of {p['n']}; sign test p = {p['p_value']:.3g})")

@@ -54,6 +54,10 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
+def _num(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
 def accuracy_band(models: list[ModelRow]) -> tuple[list[float], list[float], list[float]]:
     """Accuracy, and the low and high ends of its 95% interval, in percent, per model (an
     evaluation without an interval gives a band of zero width)."""
@@ -89,20 +93,25 @@ def table(models: list[ModelRow]) -> str:
             (f"| {tr['loss']:.4f} | – | – |" if tr else "| – | – | – |")
         lines.append(
             f"| {m.name} | {accuracy_cell(e)} | {change_cell(e.get('paired'))} "
-            f"| {_pct(e.get('win_rate'))} | {e['reference_logp_per_token']:.3f} "
+            f"| {_pct(e.get('win_rate'))} | {_num(e.get('reference_logp_per_token'))} "
             f"| {e['mean_response_tokens']:.1f} | {_pct(e['truncated_share'])} " + train)
     return "\n".join(lines)
 
 
 def start_to_last(models: list[ModelRow]) -> str:
-    """The paired test from the first model to the last, on the same prompts."""
-    first, last = models[0].eval, models[-1].eval
-    if len(models) < 2 or "rows" not in first or "rows" not in last:
-        return ""
-    p = vars(paired_change([r["correct"] for r in last["rows"]],
-                           [r["correct"] for r in first["rows"]]))
-    return (f"From {models[0].name} to {models[-1].name}: {change_cell(p)} on the same "
-            f"{p['n']} prompts.")
+    """The paired test from the first model to the last on the same prompts, and with an SFT
+    stage also from the SFT model (θ_0, where the self-play iterations start)."""
+    last = models[-1]
+    froms = [m for m in models[:-1] if m.name in ("start", "SFT")]
+    lines = []
+    for first in froms:
+        if "rows" not in first.eval or "rows" not in last.eval:
+            continue
+        p = vars(paired_change([r["correct"] for r in last.eval["rows"]],
+                               [r["correct"] for r in first.eval["rows"]]))
+        lines.append(f"From {first.name} to {last.name}: {change_cell(p)} on the same "
+                     f"{p['n']} prompts.")
+    return "\n\n".join(lines)
 
 
 def family_table(models: list[ModelRow]) -> str:
@@ -202,7 +211,8 @@ def write_report(run_dir: str | Path) -> str:
     t = table(models)
     body = [f"# selfplay run: {layout.root.name}", "",
             f"Method **{recipe.get('method', '?')}**, model `{recipe.get('model_name_or_path')}`, "
-            f"dataset `{recipe.get('dataset')}`, {len(models) - 1} iteration(s) finished. "
+            f"dataset `{recipe.get('dataset')}`, "
+            f"{sum(m.name.startswith('iteration') for m in models)} iteration(s) finished. "
             "Each row is the model after that iteration, evaluated greedily on the held-out "
             "split; the win rate is against the previous row's model on the same prompts "
             "(right beats wrong, equal counts half); the training columns are the last logged "

@@ -174,8 +174,9 @@ def run(cfg: Config) -> Path:
     # Every evaluation reads the whole held-out split: max_prompts sizes the train prompts.
     held_out = replace(cfg.data, max_prompts=0, skip_prompts=0)
     manifest.stage("base/evaluate", [layout.base_eval], lambda: write_json_atomic(
-        layout.base_eval, evaluate_models(cfg.model, held_out, cfg.generation.max_new_tokens,
-                                          cfg.scoring)), order=order)
+        layout.base_eval, evaluate_models(
+            cfg.model, held_out, cfg.generation.max_new_tokens, cfg.scoring,
+            replace(cfg.evaluation, baseline=""))), order=order)
     theta = sft
     prev_eval = layout.base_eval
     if has_sft_stage(cfg):     # θ_0 by supervised fine-tuning, the paper's starting point
@@ -198,11 +199,14 @@ def run(cfg: Config) -> Path:
         # as many items as one pass, which the control arm matches by seeing each twice.
         twice = c.run.data_policy == "previous_and_current" and t > cfg.run.from_iteration
         if c.run.method == "sft":     # the control arm: more SFT, as many updates as SPIN
+            training = c.sft_training(c.training.num_train_epochs)
+            if c.run.match_steps_of:
+                training = replace(training, max_steps=spin_steps(Path(c.run.match_steps_of), t))
             manifest.stage(f"iter{t}/sft", [_weights(c, it), it.model.complete],
                            lambda: run_sft(
                                replace(c.model, model_name_or_path=theta), train_data, c.scoring,
-                               c.sft_training(c.training.num_train_epochs), c.lora,
-                               it.model.root, seed=c.job.seed, repeat=2 if twice else 1),
+                               training, c.lora, it.model.root, seed=c.job.seed,
+                               repeat=2 if twice else 1),
                            order=order)
             _evaluate_stage(manifest, order, f"iter{t}/evaluate", c, it, None, prev_eval)
             theta, prev_eval = str(it.model.root), it.eval
@@ -240,6 +244,16 @@ def run(cfg: Config) -> Path:
     return layout.root
 
 
+def spin_steps(spin_run: Path, t: int) -> int:
+    """The optimizer updates iteration t of a finished SPIN run took."""
+    done = RunLayout(spin_run).iteration(t).model.complete
+    try:
+        return int(json.loads(done.read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SelfplayError(f"--match_steps_of {spin_run}: iteration {t} has not finished "
+                            f"training ({done} is missing or unreadable).") from None
+
+
 def _weights(c: Config, it: IterationLayout) -> Path:
     return it.model.weights(adapter_only=c.lora.use_peft and not c.lora.merge_adapter)
 
@@ -253,7 +267,7 @@ def _evaluate_stage(manifest: Manifest, order: list[str], key: str, c: Config,
         prev_rows = json.loads(prev_eval.read_text())["rows"]
         result = evaluate_models(replace(c.model, model_name_or_path=str(it.model.root)),
                                  eval_data, c.generation.max_new_tokens, c.scoring,
-                                 baseline_rows=prev_rows)
+                                 replace(c.evaluation, baseline=""), baseline_rows=prev_rows)
         if judge is not None:
             result["judge_win_rate"] = judge_win_rate(eval_data, judge, result["rows"],
                                                       prev_rows)

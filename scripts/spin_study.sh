@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The SPIN-after-SFT study of docs/sft-study.md: every figure on that page comes from here.
+#
+#   bash scripts/spin_study.sh all        # every step below, in order (about 2 h on 2 cores)
+#   bash scripts/spin_study.sh sft        # one step; later steps reuse earlier outputs
+#
+# Recipes are compared on the suite's validation split (300 prompts held out of train, never
+# test); one iteration each, from the same SFT start, on the same 256 prompts the SFT stage
+# did not see, paired against the SFT start on the same validation prompts (sign test). The
+# chosen recipe (recipes/spin-smollm2-run.yaml) then runs once on test, with its control arm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/study}
+RUN=${RUN:-runs/spin-sft}
+CONTROL=${CONTROL:-runs/sft-control}
+SP=${SELFPLAY:-selfplay}
+SFT=$OUT/sft
+PROMPTS=(--skip_prompts 1000 --max_prompts 256)
+
+sft() {
+  $SP sft --max_prompts 1000 --per_device_train_batch_size 8 --output_dir "$SFT"
+  $SP evaluate --model "$SFT" --split validation --output_dir "$OUT/sft-val"
+}
+
+pairs() {  # pairs NAME [generate options]: θ_0's answers to the 256 prompts, as SPIN pairs
+  local name=$1; shift
+  $SP generate --model "$SFT" "${PROMPTS[@]}" "$@" --output_dir "$OUT/gen-$name"
+  $SP convert --input_dir "$OUT/gen-$name" --drop_identical --output_dir "$OUT/pairs-$name"
+}
+
+variant() {  # variant NAME PAIRS [train options]: one SPIN iteration, judged on validation
+  local name=$1 data=$2; shift 2
+  $SP train --model "$SFT" --dataset "$OUT/pairs-$data" --optim adamw "$@" \
+    --output_dir "$OUT/$name"
+  $SP evaluate --model "$OUT/$name" --split validation --baseline "$OUT/sft-val/eval.json" \
+    --output_dir "$OUT/$name-val"
+}
+
+main_run() {  # the default run (the README's main job), then the SFT control arm from its θ_0
+  $SP run recipes/spin-smollm2-run.yaml --output_dir "$RUN"
+  $SP run recipes/spin-smollm2-run.yaml --method sft --model "$RUN/sft/model" --sft_epochs 0 \
+    --match_steps_of "$RUN" --output_dir "$CONTROL"
+  $SP compare "$RUN" "$CONTROL" --output_dir "$OUT/compare"
+}
+
+# name, pairs, train options: every recipe the study page reports
+VARIANTS=(
+  "b5-lr2e-6   greedy --beta 5 --learning_rate 2e-6 --num_train_epochs 2"
+  "b5-lr1e-5   greedy --beta 5 --learning_rate 1e-5 --num_train_epochs 2"
+)
+
+step=${1:-all}
+case $step in
+  sft) sft ;;
+  pairs) pairs greedy ;;
+  variant)   # variant NAME: one of VARIANTS
+    for v in "${VARIANTS[@]}"; do
+      read -r -a a <<< "$v"
+      if [[ ${a[0]} == "$2" ]]; then variant "${a[@]}"; exit 0; fi
+    done
+    echo "unknown variant $2" >&2; exit 2 ;;
+  variants) for v in "${VARIANTS[@]}"; do read -r -a a <<< "$v"; variant "${a[@]}"; done ;;
+  main) main_run ;;
+  all) "$0" sft; "$0" pairs; "$0" variants; "$0" main ;;
+  *) echo "unknown step $step: sft, pairs, variant NAME, variants, main or all" >&2; exit 2 ;;
+esac
