@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 from selfplay.data.run_layout import RunLayout
 from selfplay.errors import SelfplayError
 from selfplay.stages.report import (ModelRow, accuracy_band, accuracy_cell, change_cell,
-                                   load_models)
+                                   correct, load_models)
 from selfplay.stats import paired_change
 
 
@@ -28,19 +28,13 @@ def _arm_name(layout: RunLayout) -> str:
     return f"{layout.root.name} ({recipe.get('method', '?')})"
 
 
-def _correct(m: ModelRow) -> list[bool | None]:
-    return [r["correct"] for r in m.eval.get("rows", [])]
-
-
 def aligned(models: list[ModelRow]) -> list[ModelRow]:
     """θ_0 (the model iteration 0 starts from: the SFT model, or the start when there was no
     SFT stage), then each iteration's model. Arms line up there: an SFT control arm started
     from another run's SFT model (`--model RUN/sft/model --sft_epochs 0`) has the same θ_0."""
     first = next((i for i, m in enumerate(models) if m.name.startswith("iteration")),
                  len(models))
-    theta0 = models[max(first - 1, 0)]
-    return [ModelRow(f"θ_0 ({theta0.name})", theta0.eval, theta0.train, theta0.pairs)] \
-        + models[first:]
+    return models[max(first - 1, 0):]
 
 
 def compare(run_dirs: list[Path], out_dir: Path) -> str:
@@ -60,7 +54,7 @@ def compare(run_dirs: list[Path], out_dir: Path) -> str:
         row += [accuracy_cell(m[i].eval) if i < len(m) else "–" for m in arms.values()]
         for n in names[1:]:
             other = arms[n]
-            row.append(change_cell(vars(paired_change(_correct(other[i]), _correct(first[i]))))
+            row.append(change_cell(vars(paired_change(correct(other[i]), correct(first[i]))))
                        if i < len(other) and i < len(first) else "–")
         lines.append("| " + " | ".join(row) + " |")
     table = "\n".join(lines)
@@ -88,7 +82,7 @@ def compare(run_dirs: list[Path], out_dir: Path) -> str:
             "pair each arm with the first on the same prompts (↑ the arm right where the first "
             "was wrong, ↓ the reverse), with an exact sign test.", "", table, "",
             "![compare](compare.png)", ""]
-    body += [f"- {n}: `{lay.root}`; θ_0 is its {arms[n][0].name[5:-1]} model"
+    body += [f"- {n}: `{lay.root}`; θ_0 is its {arms[n][0].name} model"
              for n, lay in zip(names, layouts)]
     (out_dir / "compare.md").write_text("\n".join(body) + "\n")
     return table

@@ -98,6 +98,11 @@ def table(models: list[ModelRow]) -> str:
     return "\n".join(lines)
 
 
+def correct(m: ModelRow) -> list[bool | None]:
+    """Per held-out prompt, whether the model was right (None: not checkable)."""
+    return [r["correct"] for r in m.eval.get("rows", [])]
+
+
 def start_to_last(models: list[ModelRow]) -> str:
     """The paired test from the first model to the last on the same prompts, and with an SFT
     stage also from the SFT model (θ_0, where the self-play iterations start)."""
@@ -107,8 +112,7 @@ def start_to_last(models: list[ModelRow]) -> str:
     for first in froms:
         if "rows" not in first.eval or "rows" not in last.eval:
             continue
-        p = vars(paired_change([r["correct"] for r in last.eval["rows"]],
-                               [r["correct"] for r in first.eval["rows"]]))
+        p = vars(paired_change(correct(last), correct(first)))
         lines.append(f"From {first.name} to {last.name}: {change_cell(p)} on the same "
                      f"{p['n']} prompts.")
     return "\n\n".join(lines)
