@@ -1,14 +1,19 @@
-"""Generation throughput: the official SPIN recipe's way against selfplay's, side by side.
+"""Generation throughput: the official SPIN recipe's way, our HF engine and vLLM, side by side.
 
 official  fixed batch of 16, prompts in file order, plain `model.generate`, greedy
           (spin/generate.py's loop; same chat-rendered prompts, so the tokens are comparable)
-selfplay  prompts sorted by length, a batch that shrinks as rows finish (generation.generate),
+selfplay  prompts sorted by length, a batch that shrinks as rows finish (engines/hf.py),
           at batch 16 and at the default batch size
+vllm      engines/vllm.py (when vLLM is installed), in the model's dtype and in bfloat16;
+          the engine's start is timed apart from its generation
+K = 5     with --samples 5: five sampled answers per prompt (temperature 0.7, top_p 0.9, as
+          SPPO samples), our HF engine against vLLM
 
 Tokens/s counts generated tokens up to each response's end-of-turn token, the same way for all.
-Greedy outputs must agree; the script prints how many do.
+Greedy outputs should agree; the script prints how many do.
 
-    python bench/bench_generation.py [--prompts 256] [--max_new_tokens 256] [--json out.json]
+    python bench/bench_generation.py [--prompts 256] [--max_new_tokens 256] [--samples 5]
+                                     [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ import torch
 from transformers import GenerationConfig
 
 from selfplay.data.tasks import split_rows
-from selfplay.engines.hf import SamplingSettings, generate, stop_token_ids
+from selfplay.engines import vllm_installed
+from selfplay.engines.base import SamplingSettings, stop_token_ids
+from selfplay.engines.hf import generate
 from selfplay.models import load_model
 from selfplay.rendering import prompt_ids
 
 
 def official(model, tok, prompts, max_new_tokens, batch_size=16):
     """spin/generate.py's way: file order, left padding, model.generate, greedy."""
-    stops = stop_token_ids(model, tok)
+    stops = stop_token_ids(model.generation_config.eos_token_id, tok)
     gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                           pad_token_id=tok.pad_token_id)
     tok.padding_side = "left"
@@ -54,6 +61,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--max_new_tokens", type=int, default=256)
     ap.add_argument("--batch_size", type=int, default=0, help="selfplay's batch (0: its default)")
+    ap.add_argument("--samples", type=int, default=0, help="K sampled answers per prompt, "
+                    "HF engine against vLLM (0: greedy only)")
+    ap.add_argument("--sampling_only", action="store_true", help="with --samples: only the "
+                    "sampled ways")
+    ap.add_argument("--no_vllm", action="store_true")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
@@ -83,18 +95,58 @@ def main() -> None:
         f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
     print(f"{args.prompts} task-suite prompts, max_new_tokens {args.max_new_tokens}, greedy, "
           f"{model.dtype}, {device}\n")
-    timed("official (batch 16)", lambda: official(model, tok, prompts, args.max_new_tokens))
-    timed("selfplay (batch 16)", lambda: ours(16))
-    timed(f"selfplay (batch {big})", lambda: ours(big))
+    greedy_ways = not (args.samples and args.sampling_only)
+    if greedy_ways:
+        timed("official (batch 16)", lambda: official(model, tok, prompts, args.max_new_tokens))
+        timed("selfplay (batch 16)", lambda: ours(16))
+        timed(f"selfplay (batch {big})", lambda: ours(big))
 
-    base = results["official (batch 16)"]
-    print(f"\n{'':<22} {'tok/s':>9} {'vs official':>12} {'same text':>10}")
+    sampled = SamplingSettings(args.max_new_tokens, temperature=0.7, top_p=0.9, batch_size=big)
+
+    def ours_sampled():
+        gens = [g for k in range(args.samples)
+                for g in generate(model, tok, prompts, sampled, stream=str(k),
+                                  desc=f"selfplay sample {k + 1}/{args.samples}")]
+        return [g.text for g in gens], sum(g.n_tokens for g in gens)
+
+    if args.samples:
+        timed(f"selfplay K={args.samples}", ours_sampled)
+    if vllm_installed() and not args.no_vllm:
+        from selfplay.engines.vllm import VllmEngine
+        own = str(model.dtype)[6:]
+        for dtype in dict.fromkeys([own, "bfloat16"] if greedy_ways else [own]):
+            t = time.perf_counter()
+            engine = VllmEngine(args.model, str(model.device.type), dtype)
+            start = time.perf_counter() - t
+
+            def vllm(settings, passes=1, engine=engine):
+                gens = [g for k in range(passes)
+                        for g in engine.generate(prompts, settings, stream=str(k), desc="vllm")]
+                return [g.text for g in gens], sum(g.n_tokens for g in gens)
+
+            print(f"{'':<22} (vLLM engine start {start:.0f} s, not counted)")
+            if greedy_ways:
+                timed(f"vllm {dtype}", lambda: vllm(SamplingSettings(args.max_new_tokens)))
+                results[f"vllm {dtype}"]["engine_start_s"] = start
+            if args.samples and dtype == own:
+                timed(f"vllm {dtype} K={args.samples}", lambda: vllm(sampled, args.samples))
+                results[f"vllm {dtype} K={args.samples}"]["engine_start_s"] = start
+            engine.close()
+
+    base = results.get("official (batch 16)")
+    hf = results.get(f"selfplay (batch {big})")
+    print(f"\n{'':<22} {'tok/s':>9} {'vs official':>12} {'vs HF engine':>13} {'same text':>10}")
     for name, r in results.items():
-        same = sum(a == b for a, b in zip(r["texts"], base["texts"]))
-        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+        greedy = "K=" not in name
+        same = sum(a == b for a, b in zip(r["texts"], base["texts"])) if greedy else None
+        vs = hf if greedy else results[f"selfplay K={args.samples}"]
+        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"] if greedy else None
+        r["vs_hf_engine"] = r["tokens_per_s"] / vs["tokens_per_s"]
         r["same_as_official"] = same
-        print(f"{name:<22} {r['tokens_per_s']:>9.1f} {r['speedup']:>11.2f}x "
-              f"{same:>5}/{len(prompts)}")
+        print(f"{name:<22} {r['tokens_per_s']:>9.1f} "
+              + (f"{r['speedup']:>11.2f}x " if greedy else f"{'–':>12} ")
+              + f"{r['vs_hf_engine']:>12.2f}x "
+              + (f"{same:>5}/{len(prompts)}" if greedy else "    (sampled)"))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": device, "args": vars(args),

@@ -1,6 +1,6 @@
 """Print the markdown tables of docs/benchmarks.md from the JSON the bench scripts write.
 
-    python bench/tables.py bench/results/generation_cpu.json bench/results/training_cpu.json
+    python bench/tables.py bench/results/generation_vllm_cpu.json bench/results/training_cpu.json
 """
 
 import json
@@ -9,13 +9,20 @@ import sys
 
 def generation(d: dict) -> str:
     a = d["args"]
-    lines = [f"{a['prompts']} task-suite prompts, max_new_tokens {a['max_new_tokens']}, greedy; "
-             f"{d['device']}.", "",
-             "| way | seconds | tokens | tokens/s | vs official | same text as official |",
-             "|---|---|---|---|---|---|"]
+    how = f"{a['samples']} samples each (temperature 0.7, top_p 0.9)" if a.get("samples") \
+        and a.get("sampling_only") else "greedy"
+    lines = [(f"{a['prompts']} task-suite prompts, max_new_tokens {a['max_new_tokens']}, {how}; "
+              f"{d['device']}."), "",
+             ("| way | seconds | tokens | tokens/s | vs official | vs HF engine "
+              "| same text as official |"), "|---|---|---|---|---|---|---|"]
     for name, r in d["results"].items():
-        lines.append(f"| {name} | {r['seconds']:.1f} | {r['tokens']} | {r['tokens_per_s']:.1f} "
-                     f"| {r['speedup']:.2f}x | {r['same_as_official']}/{a['prompts']} |")
+        same = "sampled" if r["same_as_official"] is None else \
+            f"{r['same_as_official']}/{a['prompts']}"
+        start = f" (+{r['engine_start_s']:.0f} s start)" if "engine_start_s" in r else ""
+        vs_hf = f"{r['vs_hf_engine']:.2f}x" if "vs_hf_engine" in r else "–"
+        vs_official = "–" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
+        lines.append(f"| {name} | {r['seconds']:.1f}{start} | {r['tokens']} "
+                     f"| {r['tokens_per_s']:.1f} | {vs_official} | {vs_hf} | {same} |")
     return "\n".join(lines)
 
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# The suite tests the HF engine unless a test names vLLM (tests/test_vllm.py): where vLLM is
+# installed, `--engine auto` would otherwise take it for every tiny model.
+os.environ.setdefault("SELFPLAY_ENGINE", "hf")
 
 
 @pytest.fixture(scope="session")

@@ -170,3 +170,47 @@ def test_a_missing_dataset_fails_at_once_when_the_hub_is_unreachable(tmp_path):
     # no request retried against the unreachable hub (each retry logged "thrown while
     # requesting HEAD ...", five of them, 38 s)
     assert "Traceback" not in r.stderr and "thrown while requesting" not in r.stderr
+
+
+def _generate(model, data, out, *extra, tokens="4", batch="4"):
+    return main(["generate", "--model", str(model), "--dataset", str(data), "--output_dir",
+                 str(out), "--max_new_tokens", tokens, "--batch_size", batch, *extra])
+
+
+def test_a_shard_made_otherwise_is_never_reused_silently(tiny_model_dir, tmp_path, capsys):
+    from conftest import write_jsonl
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"Say {i}."},
+                                             {"role": "assistant", "content": f"{i}"}]}
+        for i in range(6)])
+    out = tmp_path / "gen"
+    shard = out / "train-frac00000-rank000-of001.jsonl"
+    assert _generate(tiny_model_dir, data, out) == 0
+    good = shard.read_bytes()
+    # other settings: refused with the keys that differ, the shard untouched
+    assert _generate(tiny_model_dir, data, out, tokens="6") == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "max_new_tokens 4 -> 6" in err and "--overwrite" in err
+    assert shard.read_bytes() == good
+    # how it was made (batch size) does not matter: reused
+    assert _generate(tiny_model_dir, data, out, batch="2") == 0
+    assert "is complete; skipping it" in capsys.readouterr().err
+    # truncated (a copy cut mid-row) or holding other prompts: ours and incomplete, so redone
+    shard.write_bytes(good[:len(good) // 2 + 7])        # mid-row
+    assert _generate(tiny_model_dir, data, out) == 0
+    assert "is unreadable" in capsys.readouterr().err
+    assert shard.read_bytes() == good
+    shard.write_bytes(b"".join(good.splitlines(keepends=True)[:3]))
+    assert _generate(tiny_model_dir, data, out) == 0
+    assert "holds 3 rows, not the 6 prompts" in capsys.readouterr().err
+    assert shard.read_bytes() == good
+
+
+def test_a_corrupt_shard_is_one_sentence_in_convert(tmp_path, capsys):
+    shards = tmp_path / "gen"
+    shards.mkdir()
+    (shards / "train-frac00000-rank000-of001.jsonl").write_text('{"prompt_id": "p0", "pro')
+    assert main(["convert", "--input_dir", str(shards), "--output_dir", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "line 1: not a JSON row" in err and "truncated or corrupt" in err
+    assert "Traceback" not in err

@@ -38,14 +38,14 @@ def cmd_info(cfg: Config, args: list[str]) -> int:
     import torch
 
     from selfplay import models
+    from selfplay.stages.run import package_version
     print("selfplay", md.version("selfplay"))
     print("python", sys.version.split()[0])
     for pkg in ("torch", "transformers", "accelerate", "peft", "datasets", "pyarrow", "gguf",
-                "bitsandbytes", "trl"):
-        try:
-            print(f"{pkg:<13}", md.version(pkg))
-        except md.PackageNotFoundError:
-            print(f"{pkg:<13}", "not installed")
+                "bitsandbytes", "trl", "vllm"):
+        print(f"{pkg:<13}", package_version(pkg))
+    from selfplay.engines import engine_name
+    print(f"{'engine':<13}", engine_name("auto"), "(--engine auto)")
     if torch.cuda.is_available():
         names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
         print(f"device        cuda x{torch.cuda.device_count()} ({', '.join(sorted(names))})")

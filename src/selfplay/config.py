@@ -41,7 +41,10 @@ RUN_METHOD_DEFAULTS = {"sppo": {"output_dir": "runs/sppo", "max_prompts": 64,
                                 "learning_rate": 5e-6}}
 # Keys a resumed run may change without --force: they do not change what the run computes.
 RESUMABLE_KEYS = {"force", "from_iteration", "resume", "overwrite", "device", "batch_size",
-                  "logprob_chunk_size", "push_to_hub", "logging_steps", "save_steps"}
+                  "logprob_chunk_size", "push_to_hub", "logging_steps", "save_steps",
+                  # Greedy answers are the same tokens in either engine (tested); each stage's
+                  # output records which one ran.
+                  "engine", "tensor_parallel_size", "vllm_kv_cache_gib"}
 
 
 def opt(default: Any, help: str, commands, *, choices: tuple | None = None,
@@ -67,6 +70,15 @@ class ModelSettings:
                      choices=("auto", "float32", "bfloat16", "float16"))
     batch_size: int = opt(0, "Prompts per batch when generating, scoring and evaluating (0: 64 "
                           "on CPU, 128 on GPU).", {"generate", "score", "evaluate", "run"})
+    engine: str = opt("auto", "Generation engine: auto (vLLM when installed, else HF; the "
+                      "environment variable SELFPLAY_ENGINE=hf|vllm decides it instead), hf "
+                      "(our batched decoder) or vllm.", {"generate", "evaluate", "run"},
+                      choices=("auto", "hf", "vllm"))
+    tensor_parallel_size: int = opt(1, "vLLM: GPUs one engine spreads the model over (for a "
+                                    "model that does not fit one).",
+                                    {"generate", "evaluate", "run"})
+    vllm_kv_cache_gib: float = opt(0.0, "vLLM: KV cache size in GiB (0: 2 GiB on CPU; on GPU "
+                                   "vLLM's share of free memory).", {"generate", "evaluate", "run"})
 
     def inference_batch_size(self) -> int:
         """--batch_size, or 0's default: larger on a GPU (measured in bench/)."""
@@ -380,6 +392,8 @@ class Config:
         m, d, g, s, tr, lo = (self.model, self.data, self.generation, self.scoring,
                               self.training, self.lora)
         _need(m.batch_size >= 0, "--batch_size must be 0 (automatic) or a positive integer.")
+        _need(m.tensor_parallel_size >= 1, "--tensor_parallel_size must be at least 1.")
+        _need(m.vllm_kv_cache_gib >= 0, "--vllm_kv_cache_gib must be 0 (automatic) or positive.")
         _need(g.frac_len >= 0, "--frac_len must be 0 (whole split) or a positive integer.")
         _need(g.data_frac >= 0, "--data_frac must be a non-negative integer.")
         _need(g.frac_len > 0 or g.data_frac == 0,

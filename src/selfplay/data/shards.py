@@ -225,5 +225,15 @@ def write_parquet_atomic(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The rows of one of our JSONL outputs; a truncated or corrupt file is one sentence."""
+    rows = []
+    with path.open("rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise SelfplayError(f"{path}, line {n}: not a JSON row ({type(e).__name__}); "
+                                    "the file is truncated or corrupt.") from None
+    return rows

@@ -9,47 +9,15 @@ cheaper. Greedy outputs equal `model.generate`'s token for token (tested).
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from selfplay.engines.base import Generation, SamplingSettings, stop_token_ids, stream_seed
+from selfplay.models import load_model
 from selfplay.rendering import prompt_ids
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    max_new_tokens: int = 256
-    temperature: float = 0.0      # 0: greedy
-    top_p: float = 1.0
-    seed: int = 42
-    batch_size: int = 16
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-@dataclass
-class Generation:
-    text: str
-    n_tokens: int          # generated tokens, the end-of-turn token not counted
-    finish_reason: str     # "eos" or "length"
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gc_eos = model.generation_config.eos_token_id
-    ids.update(gc_eos if isinstance(gc_eos, (list, tuple)) else [gc_eos] if gc_eos is not None
-               else [])
-    return sorted(i for i in ids if i is not None)
-
-
-def _batch_seed(seed: int, stream: str, batch: int) -> int:
-    return int(hashlib.sha256(f"{seed}/{stream}/{batch}".encode()).hexdigest()[:8], 16)
 
 
 def _pick(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator | None) -> torch.Tensor:
@@ -108,7 +76,7 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: Sa
     """
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))   # longest first: OOM early
-    stops = stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(model.generation_config.eos_token_id, tokenizer)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     out: list[Generation | None] = [None] * len(prompts)
@@ -123,7 +91,7 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: Sa
             ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
             attn[r, width - len(encoded[i]):] = 1
         gen = None if settings.greedy else \
-            torch.Generator().manual_seed(_batch_seed(settings.seed, stream, b))
+            torch.Generator().manual_seed(stream_seed(settings.seed, stream, b))
         new = decode(model, ids.to(device), attn.to(device), stops, settings, gen)
         for r, i in enumerate(idx):
             ended = bool(new[r]) and new[r][-1] in stops
@@ -135,3 +103,18 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: Sa
         bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.0f}")
     bar.close()
     return out  # type: ignore[return-value]
+
+
+class HFEngine:
+    """Our decoder on a transformers model; the loaded model also serves scoring."""
+    name = "hf"
+
+    def __init__(self, spec: str, device: str = "auto", dtype: str = "auto"):
+        self.model, self.tokenizer = load_model(spec, device, dtype)
+
+    def generate(self, prompts, settings: SamplingSettings, stream: str = "0",
+                 desc: str = "generate") -> list[Generation]:
+        return generate(self.model, self.tokenizer, prompts, settings, stream, desc)
+
+    def close(self) -> None:
+        self.model = None

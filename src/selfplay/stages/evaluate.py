@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from selfplay.config import DataSettings, EvaluationSettings, ModelSettings, ScoringSettings
 from selfplay.data.formats import Example, held_out_split, read_for
 from selfplay.data.tasks import check
-from selfplay.engines.hf import Generation, SamplingSettings, generate
+from selfplay.engines import Engine, Generation, SamplingSettings, open_engine, scoring_model
 from selfplay.errors import SelfplayError
 from selfplay.logprobs import score_texts
-from selfplay.models import load_model, load_tokenizer
+from selfplay.models import load_tokenizer
 from selfplay.rendering import response_ids
 from selfplay.stats import paired_change, wilson_interval
 
@@ -40,16 +41,18 @@ def win_rate(ours: list[bool | None], theirs: list[bool | None]) -> float | None
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
 
 
-def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
+def evaluate(engine: Engine, examples: list[Example], max_new_tokens: int, batch_size: int,
              scoring: ScoringSettings, desc: str = "evaluate",
-             reference_likelihood: bool = True) -> dict:
-    """Greedy generation on every prompt, then the measures; per-row results under `rows`."""
+             reference_likelihood: bool = True, loaded: ModelSettings | None = None) -> dict:
+    """Greedy generation on every prompt, then the measures; per-row results under `rows`.
+    `loaded` names the engine's model, which measures reference likelihood."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0,
                                 batch_size=batch_size)
-    gens = generate(model, tokenizer, [e.prompt for e in examples], settings, desc=desc)
+    gens = engine.generate([e.prompt for e in examples], settings, desc=desc)
     right = correctness(examples, gens)
     ref_logp = None
     if reference_likelihood:
+        model, tokenizer = scoring_model(engine, loaded)
         scored = score_texts(model, tokenizer, [(e.prompt, [e.reference]) for e in examples],
                              scoring.max_length, scoring.max_prompt_length, batch_size,
                              scoring.logprob_chunk_size, desc="reference likelihood")
@@ -70,6 +73,7 @@ def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, bat
         "mean_response_tokens": sum(g.n_tokens for g in gens) / len(gens),
         "truncated_share": sum(g.finish_reason == "length" for g in gens) / len(gens),
         "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True,
+                     "engine": engine.name,
                      "max_length": scoring.max_length,
                      "max_prompt_length": scoring.max_prompt_length},
         "rows": [{"prompt_id": e.prompt_id, "family": e.extra.get("family"),
@@ -120,10 +124,14 @@ def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: in
         baseline_rows = saved_rows(Path(baseline), [e.prompt_id for e in examples])
 
     def run(spec: str, label: str) -> dict:
-        lm, tok = load_model(spec, model.device, model.dtype)
-        r = evaluate(lm, tok, examples, budget, model.inference_batch_size(), scoring,
-                     desc=f"evaluate {label}",
-                     reference_likelihood=evaluation.reference_likelihood)
+        engine = open_engine(replace(model, model_name_or_path=spec))
+        try:
+            r = evaluate(engine, examples, budget, model.inference_batch_size(), scoring,
+                         desc=f"evaluate {label}",
+                         reference_likelihood=evaluation.reference_likelihood,
+                         loaded=replace(model, model_name_or_path=spec))
+        finally:
+            engine.close()
         r["model"] = spec
         return r
 

