@@ -57,6 +57,7 @@ def generate(model: ModelSettings, data: DataSettings, gen: GenerationSettings,
     device = str(state.device) if model.device == "auto" else model.device
     engine = open_engine(replace(model, device=device), seed=seed,
                          process_index=state.process_index, num_processes=state.num_processes)
+    record["engine"] = engine.name         # auto may have fallen back from vLLM to HF
     prompts = [e.prompt for e in mine]
     samples = [engine.generate(prompts, s, stream=f"{path.name}/{k}",
                                desc=f"generate {k + 1}/{gen.num_samples}")
