@@ -124,12 +124,12 @@ def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: in
         baseline_rows = saved_rows(Path(baseline), [e.prompt_id for e in examples])
 
     def run(spec: str, label: str) -> dict:
-        engine = open_engine(replace(model, model_name_or_path=spec))
+        this = replace(model, model_name_or_path=spec)
+        engine = open_engine(this)
         try:
             r = evaluate(engine, examples, budget, model.inference_batch_size(), scoring,
                          desc=f"evaluate {label}",
-                         reference_likelihood=evaluation.reference_likelihood,
-                         loaded=replace(model, model_name_or_path=spec))
+                         reference_likelihood=evaluation.reference_likelihood, loaded=this)
         finally:
             engine.close()
         r["model"] = spec

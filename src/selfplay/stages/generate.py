@@ -20,7 +20,7 @@ from selfplay.config import DataSettings, GenerationSettings, ModelSettings, Sco
 from selfplay.data.formats import read_for
 from selfplay.data.shards import (ShardRow, fraction, process_slice, read_shard, shard_name,
                                   write_shard)
-from selfplay.engines import SamplingSettings, engine_name, open_engine, scoring_model
+from selfplay.engines import SamplingSettings, open_engine, scoring_model
 from selfplay.errors import SelfplayError
 from selfplay.stages.score import score_rows
 
@@ -46,8 +46,7 @@ def generate(model: ModelSettings, data: DataSettings, gen: GenerationSettings,
                                 state.num_processes)
     s = SamplingSettings(gen.max_new_tokens, gen.temperature, gen.top_p, seed,
                          model.inference_batch_size())
-    record = {"model": model.model_name_or_path, "num_samples": gen.num_samples,
-              "engine": engine_name(model.engine), **asdict(s)}
+    record = {"model": model.model_name_or_path, "num_samples": gen.num_samples, **asdict(s)}
     if path.exists() and not overwrite:
         why = reuse_problem(path, [e.prompt_id for e in mine], record, gen.score)
         if why is None:
@@ -57,7 +56,7 @@ def generate(model: ModelSettings, data: DataSettings, gen: GenerationSettings,
     device = str(state.device) if model.device == "auto" else model.device
     engine = open_engine(replace(model, device=device), seed=seed,
                          process_index=state.process_index, num_processes=state.num_processes)
-    record["engine"] = engine.name         # auto may have fallen back from vLLM to HF
+    record["engine"] = engine.name         # the one that ran: auto may fall back to HF
     prompts = [e.prompt for e in mine]
     samples = [engine.generate(prompts, s, stream=f"{path.name}/{k}",
                                desc=f"generate {k + 1}/{gen.num_samples}")
@@ -83,8 +82,9 @@ def generate(model: ModelSettings, data: DataSettings, gen: GenerationSettings,
     return path
 
 
-# How a shard was made, not what it holds: a shard differing only in these is reused.
-HOW = ("batch_size", "engine")
+# How a shard was made, not what it holds: a shard differing only in these is reused (the
+# engine, too, is how: it is recorded once it has run and never compared).
+HOW = ("batch_size",)
 
 
 def reuse_problem(path: Path, prompt_ids: list[str], record: dict, scored: bool) -> str | None:
