@@ -28,7 +28,7 @@ from transformers import GenerationConfig
 
 from selfplay.data.tasks import split_rows
 from selfplay.engines import vllm_installed
-from selfplay.engines.base import SamplingSettings, stop_token_ids
+from selfplay.engines.base import SamplingSettings, stop_token_ids, stream_seed
 from selfplay.engines.hf import generate
 from selfplay.models import load_model
 from selfplay.rendering import prompt_ids
@@ -103,14 +103,28 @@ def main() -> None:
 
     sampled = SamplingSettings(args.max_new_tokens, temperature=0.7, top_p=0.9, batch_size=big)
 
-    def ours_sampled():
-        gens = [g for k in range(args.samples)
-                for g in generate(model, tok, prompts, sampled, stream=str(k),
-                                  desc=f"selfplay sample {k + 1}/{args.samples}")]
+    k_ = args.samples
+    seeds = [[stream_seed(sampled.seed, str(k), i) for i in range(len(prompts))]
+             for k in range(k_)]
+
+    def ours_passes():       # before: one pass per sample, each waiting on its longest answer
+        gens = [g for k in range(k_)
+                for g in generate(model, tok, prompts, sampled, seeds[k],
+                                  desc=f"selfplay sample {k + 1}/{k_}")]
         return [g.text for g in gens], sum(g.n_tokens for g in gens)
 
+    def ours_one_pass():     # `selfplay generate`: the K copies of a prompt decoded together
+        gens = generate(model, tok, [p for p in prompts for _ in range(k_)], sampled,
+                        [seeds[k][i] for i in range(len(prompts)) for k in range(k_)],
+                        desc=f"selfplay K={k_} in one pass")
+        return [g.text for k in range(k_) for g in gens[k::k_]], sum(g.n_tokens for g in gens)
+
     if args.samples:
-        timed(f"selfplay K={args.samples}", ours_sampled)
+        timed(f"selfplay K={k_}, K passes", ours_passes)
+        timed(f"selfplay K={k_}, one pass", ours_one_pass)
+        same = results[f"selfplay K={k_}, K passes"].get("texts") == \
+            results[f"selfplay K={k_}, one pass"].get("texts")
+        print(f"{'':<22} (same samples in both: {same})")
     if vllm_installed() and not args.no_vllm:
         from selfplay.engines.vllm import VllmEngine
         own = str(model.dtype)[6:]
@@ -121,7 +135,8 @@ def main() -> None:
 
             def vllm(settings, passes=1, engine=engine):
                 gens = [g for k in range(passes)
-                        for g in engine.generate(prompts, settings, stream=str(k), desc="vllm")]
+                        for g in engine.generate(prompts, settings, seeds[k] if k_ else None,
+                                                 desc="vllm")]
                 return [g.text for g in gens], sum(g.n_tokens for g in gens)
 
             print(f"{'':<22} (vLLM engine start {start:.0f} s, not counted)")
@@ -139,7 +154,7 @@ def main() -> None:
     for name, r in results.items():
         greedy = "K=" not in name
         same = sum(a == b for a, b in zip(r["texts"], base["texts"])) if greedy else None
-        vs = hf if greedy else results[f"selfplay K={args.samples}"]
+        vs = hf if greedy else results[f"selfplay K={args.samples}, K passes"]
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"] if greedy else None
         r["vs_hf_engine"] = r["tokens_per_s"] / vs["tokens_per_s"]
         r["same_as_official"] = same

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The SPIN-after-SFT study of docs/sft-study.md: every figure on that page comes from here.
 #
-#   bash scripts/spin_study.sh all        # every step below, in order (about 2 h on 2 cores)
+#   bash scripts/spin_study.sh all        # every step below, in order (about 4 h on 2 cores)
 #   bash scripts/spin_study.sh sft        # one step; later steps reuse earlier outputs
 #
 # Recipes are compared on the suite's validation split (300 prompts held out of train, never
@@ -36,6 +36,12 @@ variant() {  # variant NAME PAIRS [train options]: one SPIN iteration, judged on
     --output_dir "$OUT/$name-val"
 }
 
+valrun() {  # valrun NAME [run options]: 3 SPIN iterations from θ_0, judged on validation
+  local name=$1; shift
+  $SP run recipes/spin-smollm2-run.yaml --model "$SFT" --sft_epochs 0 --eval_split validation \
+    --output_dir "$OUT/val-$name" "$@"
+}
+
 main_run() {  # the default run (the README's main job), then the SFT control arm from its θ_0
   $SP run recipes/spin-smollm2-run.yaml --output_dir "$RUN"
   $SP run recipes/spin-smollm2-run.yaml --method sft --model "$RUN/sft/model" --sft_epochs 0 \
@@ -49,18 +55,31 @@ VARIANTS=(
   "b5-lr1e-5   greedy --beta 5 --learning_rate 1e-5 --num_train_epochs 2"
 )
 
+# name, run options: 3-iteration runs from θ_0 that the study page reports, on validation
+RUNS=(
+  "fresh256-e2 --fresh_prompts true"
+  "fresh512-e1 --fresh_prompts true --max_prompts 512 --num_train_epochs 1 --tasks_train_size 2600"
+)
+
+pick() {  # pick FN NAME ENTRY...: FN with the words of the entry whose first word is NAME
+  local fn=$1 name=$2; shift 2
+  for v in "$@"; do
+    read -r -a a <<< "$v"
+    if [[ ${a[0]} == "$name" ]]; then "$fn" "${a[@]}"; return; fi
+  done
+  echo "unknown $fn $name" >&2; exit 2
+}
+
 step=${1:-all}
 case $step in
   sft) sft ;;
   pairs) pairs greedy ;;
-  variant)   # variant NAME: one of VARIANTS
-    for v in "${VARIANTS[@]}"; do
-      read -r -a a <<< "$v"
-      if [[ ${a[0]} == "$2" ]]; then variant "${a[@]}"; exit 0; fi
-    done
-    echo "unknown variant $2" >&2; exit 2 ;;
+  variant) pick variant "$2" "${VARIANTS[@]}" ;;      # variant NAME: one of VARIANTS
   variants) for v in "${VARIANTS[@]}"; do read -r -a a <<< "$v"; variant "${a[@]}"; done ;;
+  run) pick valrun "$2" "${RUNS[@]}" ;;                # run NAME: one of RUNS
+  runs) for v in "${RUNS[@]}"; do read -r -a a <<< "$v"; valrun "${a[@]}"; done ;;
   main) main_run ;;
-  all) "$0" sft; "$0" pairs; "$0" variants; "$0" main ;;
-  *) echo "unknown step $step: sft, pairs, variant NAME, variants, main or all" >&2; exit 2 ;;
+  all) "$0" sft; "$0" pairs; "$0" variants; "$0" runs; "$0" main ;;
+  *) echo "unknown step $step: sft, pairs, variant NAME, variants, run NAME, runs, main or all" >&2
+     exit 2 ;;
 esac

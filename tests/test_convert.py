@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from selfplay.config import ConvertSettings
-from selfplay.data.formats import read_examples
+from selfplay.data.formats import prompt_hash, read_examples
 from selfplay.data.shards import shard_name, write_jsonl_atomic
 from selfplay.errors import SelfplayError
 from selfplay.stages.convert import convert as _convert
@@ -54,8 +54,9 @@ def test_round_trip_published_layout(tmp_path):
     assert (tmp_path / "out" / "test_prefs-00000-of-00001.parquet").exists()
     # ... read back by the reader like a published SPIN dataset
     res = read_examples(str(tmp_path / "out"), split="train")
-    assert res.layout == "spin" and [e.prompt_id for e in res.examples] == \
+    assert res.layout == "spin" and [e.extra["source_prompt_id"] for e in res.examples] == \
         [f"p{i}" for i in range(12)]
+    assert res.examples[0].prompt_id == prompt_hash([{"role": "user", "content": "Q0?"}])
     assert res.examples[5].reference == "A5."
     assert json.loads((tmp_path / "out" / "convert_report.json").read_text())["splits"]
 

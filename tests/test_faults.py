@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import kill_after_first_checkpoint, write_parquet
+from conftest import kill_after_first_checkpoint, write_jsonl, write_parquet
 from selfplay.cli import main
 
 
@@ -54,19 +54,36 @@ def test_overwrite_clears_our_own_output(tiny_model_dir, pairs_dir, tmp_path):
     assert json.loads((out / "training_complete.json").read_text())["steps"] == 2
 
 
+def _cut_training(model, data, out):
+    """A training killed after its first checkpoint: its command and the checkpoints kept."""
+    args = ["train", "--model", str(model), "--dataset", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "2", "--max_steps", "40", "--save_steps", "2",
+            "--learning_rate", "1e-3"]
+    kill_after_first_checkpoint(args, out)
+    return args, sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
 def test_interrupted_training_is_kept_until_told(tiny_model_dir, pairs_dir, tmp_path, capsys):
     out = tmp_path / "cut"
-    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(pairs_dir),
-            "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps", "40",
-            "--save_steps", "2", "--learning_rate", "1e-3"]
-    kill_after_first_checkpoint(args, out)
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    args, kept = _cut_training(tiny_model_dir, pairs_dir, out)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "interrupted training" in err and "--resume" in err and "--overwrite" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
     assert main(args + ["--resume"]) == 0
     assert json.loads((out / "training_complete.json").read_text())["steps"] == 40
+
+
+def test_resuming_under_other_options_is_refused(tiny_model_dir, pairs_dir, tmp_path, capsys):
+    out = tmp_path / "cut"
+    args, kept = _cut_training(tiny_model_dir, pairs_dir, out)
+    changed = [a if a != "1e-3" else "1e-4" for a in args] + ["--beta", "0.5", "--resume"]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "was made with other options (beta 0.1 -> 0.5; learning_rate 0.001 -> 0.0001)" in err
+    assert "--overwrite" in err and "nothing was deleted" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
+    assert main(args + ["--resume", "--logging_steps", "5"]) == 0   # logging is not the recipe
 
 
 @pytest.fixture
@@ -214,3 +231,146 @@ def test_a_corrupt_shard_is_one_sentence_in_convert(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "line 1: not a JSON row" in err and "truncated or corrupt" in err
     assert "Traceback" not in err
+
+
+def test_the_same_prompts_in_two_layouts_are_read_once(tiny_model_dir, tmp_path, capsys):
+    from selfplay.data.formats import prompt_hash, read_examples
+    d = tmp_path / "mixed"
+    u = [{"role": "user", "content": f"Say {i}."} for i in range(4)]
+    write_jsonl(d / "a.jsonl", [{"prompt_id": f"p{i}", "messages": [
+        u[i], {"role": "assistant", "content": f"{i}"}]} for i in range(4)])
+    # the same prompts and answers as prompt/completion, and one prompt with another answer
+    write_parquet(d / "b.parquet", [{"prompt": f"Say {i}.", "completion": f"{i}"}
+                                    for i in range(4)] + [{"prompt": "Say 0.", "completion": "0!"}])
+    assert _generate(tiny_model_dir, d, tmp_path / "gen", tokens="2") == 0
+    err = capsys.readouterr().err
+    assert "read 5 examples" in err                  # not 9 under two ids each
+    assert (f"5 rows repeat a prompt read before (first: {d / 'b.parquet'} row 1, the prompt of "
+            f"{d / 'a.jsonl'} row 1): 4 with the same answer dropped") in err
+    assert "1 with another answer kept" in err
+    rows = [json.loads(x) for x in
+            (tmp_path / "gen" / "train-frac00000-rank000-of001.jsonl").read_text().splitlines()]
+    assert [r["prompt_id"] for r in rows] == [prompt_hash([m]) for m in u + u[:1]]
+    assert [r["extra"].get("source_prompt_id") for r in rows] == ["p0", "p1", "p2", "p3", None]
+    # the same prompt has the same id in any layout (here SPIN's published one)
+    spin = write_parquet(tmp_path / "spin.parquet", [
+        {"real": [u[2], {"role": "assistant", "content": "2"}],
+         "generated": [u[2], {"role": "assistant", "content": "two"}]}])
+    assert read_examples(str(spin)).examples[0].prompt_id == rows[2]["prompt_id"]
+
+
+@pytest.mark.parametrize("command", ["generate", "score", "convert", "rank", "sft", "train",
+                                     "evaluate", "run", "compare", "tasks"])
+def test_every_output_path_is_checked_before_the_work(tmp_path, capsys, command):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    cases = [(blocker, "is a file, not a directory"),
+             (blocker / "sub", "cannot be written (Not a directory)")]
+    if os.geteuid():                # root writes anywhere: a read-only directory needs a user
+        (tmp_path / "ro").mkdir(mode=0o555)
+        cases.append((tmp_path / "ro", "cannot be written (Permission denied)"))
+    for out, message in cases:
+        args = {"compare": ["compare", str(tmp_path), str(tmp_path), "--output_dir", str(out)],
+                "tasks": ["tasks", "export", str(out), "--n", "6"]}.get(
+            command, [command, "--output_dir", str(out)])
+        assert main(args) == 2
+        option = "OUT" if command == "tasks" else "--output_dir"
+        assert f"{option} {out} {message}" in capsys.readouterr().err
+    assert blocker.read_text() == "mine"
+
+
+def test_a_run_directory_that_cannot_take_the_report_is_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "base").mkdir(parents=True)
+    (run / "base" / "eval.json").write_text("{}")
+    (run / "plots").write_text("not a directory")
+    assert main(["report", str(run)]) == 2
+    assert f"RUN_DIR/plots {run / 'plots'} is a file, not a directory" in capsys.readouterr().err
+    assert (run / "plots").read_text() == "not a directory"
+
+
+def _break(d, how):
+    if how == "cut":
+        w = d / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:w.stat().st_size // 2])
+        return "model.safetensors holds", "it is cut short"
+    if how == "config":
+        (d / "config.json").write_text('{"model_type": "llama", ')
+        return "config.json is not a JSON object", "corrupt or was cut short"
+    if how == "no_weights":
+        (d / "model.safetensors").unlink()
+        return "holds config.json but no weights", "the checkpoint is incomplete"
+    t = d / "tokenizer.json"
+    t.write_bytes(t.read_bytes()[:1000])
+    return "cannot be loaded (Expecting value", "incomplete or corrupt"
+
+
+@pytest.mark.parametrize("how", ["cut", "config", "no_weights", "tokenizer"])
+def test_a_broken_checkpoint_is_one_sentence(tiny_model_dir, pairs_dir, tmp_path, capsys, how):
+    import shutil
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, d)
+    words = _break(d, how)
+    files = {p.name: p.read_bytes() for p in d.iterdir()}
+    for args in (["evaluate", "--model", str(d), "--tasks_test_size", "4", "--output_dir",
+                  str(tmp_path / "eval")],
+                 ["train", "--model", str(d), "--dataset", str(pairs_dir), "--output_dir",
+                  str(tmp_path / "train"), "--max_steps", "1"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"model {d}" in err and all(w in err for w in words), err
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == files      # nothing touched
+
+
+def test_a_prompt_longer_than_max_prompt_length_is_cut_as_training_cuts_it(tiny_model_dir,
+                                                                           tmp_path, capsys):
+    from selfplay.rendering import generation_prompt, truncate
+    # for a response of max_new_tokens, generation keeps exactly the prompt training keeps
+    for n in (10, 40, 60, 100):
+        p, r = list(range(n)), [7] * 16
+        assert generation_prompt(p, 16, 64, 32) == truncate(p, r, 64, 32).input_ids[:-16]
+    long = "Tell me about this. " * 40
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": [{"role": "user", "content": c}, {"role": "assistant", "content": "ok"}]}
+        for c in ("Say 1.", long, "Say 2.")])
+    out = tmp_path / "gen"
+    cut = ["--max_length", "64", "--max_prompt_length", "32"]
+    assert _generate(tiny_model_dir, data, out, *cut) == 0
+    assert ("1 of 3 prompts are longer than --max_prompt_length 32 tokens, and with "
+            "--max_new_tokens 4 would pass --max_length 64: each is answered from its last 32 "
+            "tokens, as training truncates it.") in capsys.readouterr().err
+    shard = out / "train-frac00000-rank000-of001.jsonl"
+    made = shard.read_bytes()
+    assert json.loads(made.splitlines()[0])["settings"]["prompt_truncation"] == \
+        {"max_length": 64, "max_prompt_length": 32}
+    # a shard whose prompts were cut otherwise is not reused silently
+    assert _generate(tiny_model_dir, data, out, "--max_length", "64",
+                     "--max_prompt_length", "48") == 2
+    assert "prompt_truncation" in capsys.readouterr().err and shard.read_bytes() == made
+
+
+def test_empty_generated_answers_are_counted_in_convert(tmp_path, capsys):
+    from selfplay.data.shards import shard_name, write_jsonl_atomic
+    gen = tmp_path / "gen"
+    rows = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"Q{i}?"}],
+             "reference": f"A{i}.", "responses": [["gen", ""][i % 2]], "response_tokens": [1],
+             "finish_reasons": ["eos"], "extra": {}} for i in range(4)]
+    write_jsonl_atomic(gen / shard_name("train", 0, 0, 1), rows)
+    assert main(["convert", "--input_dir", str(gen), "--output_dir", str(tmp_path / "p")]) == 0
+    assert "4 pairs from 1 shards, 0.0% generations cut by the token limit, 2 with an empty " \
+           "generated answer (kept: it is what θ_t answered)" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "p" / "convert_report.json").read_text())["splits"]["train"]
+    assert rep["empty_responses"] == 2
+
+
+def test_sppo_columns_under_a_pair_loss_are_named(tiny_model_dir, tmp_path, capsys):
+    u = [{"role": "user", "content": f"Say a word with {i + 3} letters."} for i in range(4)]
+    data = tmp_path / "synthetic_data_score"
+    write_parquet(data / "train.parquet", [
+        {"chosen": [m, {"role": "assistant", "content": "x" * (i + 3)}],
+         "rejected": [m, {"role": "assistant", "content": "no"}], "chosen_probs": 0.8,
+         "chosen_probs_win": 0.7, "chosen_probs_lose": 0.3} for i, m in enumerate(u)])
+    assert _train(tiny_model_dir, data, tmp_path / "out", "--max_steps", "1") == 0
+    assert (f"warning: {data} holds SPPO win probabilities (chosen_probs, chosen_probs_win, "
+            "chosen_probs_lose), which --loss_type sigmoid ignores; --loss_type sppo trains on "
+            "them.") in capsys.readouterr().err

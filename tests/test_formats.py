@@ -17,7 +17,8 @@ def test_messages_layout_ultrachat_style(tmp_path):
              {"role": "assistant", "content": "6"}]}]
     f = write_jsonl(tmp_path / "train_sft.jsonl", rows)
     first = read_examples(str(f)).examples[0]
-    assert first.prompt_id == "p1"
+    # the id is the prompt's, whatever the layout; the dataset's own is kept beside it
+    assert first.prompt_id == prompt_hash([sysm, U]) and first.extra["source_prompt_id"] == "p1"
     assert first.prompt == [sysm, U] and first.reference == A["content"]
     last = read_examples(str(f), reference_turn="last").examples[0]
     assert last.prompt == [sysm, U, A, {"role": "user", "content": "And 3 + 3?"}]
@@ -35,7 +36,8 @@ def test_published_spin_pairs_parquet(tmp_path):
     assert ex.prompt == [U] and ex.reference == A["content"]
     assert ex.extra["generated"][-1]["content"] == "5"
     assert ex.prompt_id == prompt_hash([U])               # no id in the data: a stable hash
-    assert len(read_examples(str(d), split="test").examples) == 2
+    test = read_examples(str(d), split="test")          # the same row twice: counted once
+    assert len(test.examples) == 1 and test.repeats_dropped == 1
 
 
 def test_prompt_completion_strings_and_conversational(tmp_path):
@@ -98,7 +100,8 @@ def test_malformed_row_names_file_and_row(tmp_path, bad, reason):
 
 def test_skip_bad_rows_counts_them(tmp_path):
     good = {"messages": [U, A]}
-    f = write_jsonl(tmp_path / "data.jsonl", [good, "{oops", {"messages": [A]}, good])
+    other = {"messages": [{"role": "user", "content": "And 3 + 3?"}, A]}
+    f = write_jsonl(tmp_path / "data.jsonl", [good, "{oops", {"messages": [A]}, other])
     res = read_examples(str(f), skip_bad_rows=True)
     assert len(res.examples) == 2 and len(res.skipped) == 2
     assert res.skipped[0].endswith("row 2: not valid JSON (Expecting property name enclosed in "

@@ -11,6 +11,7 @@ import torch
 
 from conftest import write_jsonl
 from selfplay.cli import main
+from selfplay.data.formats import prompt_hash
 from selfplay.data.shards import fraction, process_slice, read_jsonl
 from selfplay.engines.hf import SamplingSettings, generate
 from selfplay.logprobs import response_logps
@@ -37,7 +38,8 @@ def test_rows_hold_everything_and_rerun_changes_nothing(tiny_model_dir, dataset,
     assert _gen(tiny_model_dir, dataset, out, "--score") == 0
     shard = out / "train-frac00000-rank000-of001.jsonl"
     rows = read_jsonl(shard)
-    assert [r["prompt_id"] for r in rows] == [f"p{i}" for i in range(10)]
+    assert [r["extra"]["source_prompt_id"] for r in rows] == [f"p{i}" for i in range(10)]
+    assert rows[0]["prompt_id"] == prompt_hash(ROWS[0]["messages"][:1])
     r = rows[3]
     assert r["prompt"] == ROWS[3]["messages"][:1] and r["reference"].endswith("Answer: 6")
     assert len(r["responses"]) == 1 and r["finish_reasons"][0] in ("eos", "length")
@@ -57,7 +59,7 @@ def test_fractions_and_sampling(tiny_model_dir, dataset, tmp_path):
     for k in range(3):
         assert _gen(tiny_model_dir, dataset, out, "--frac_len", "4", "--data_frac", str(k),
                     "--temperature", "1.0", "--num_samples", "2", "--seed", "7") == 0
-    ids = [r["prompt_id"] for k in range(3)
+    ids = [r["extra"]["source_prompt_id"] for k in range(3)
            for r in read_jsonl(out / f"train-frac{k:05d}-rank000-of001.jsonl")]
     assert ids == [f"p{i}" for i in range(10)]                       # disjoint, complete
     rows = read_jsonl(out / "train-frac00001-rank000-of001.jsonl")
@@ -87,7 +89,7 @@ def test_killed_shard_is_redone(tiny_model_dir, tmp_path):
            "--batch_size", "1"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     seen = ""
-    while "generate 1/1:" not in seen:                 # killed in the middle of generating
+    while "generate:" not in seen:                     # killed in the middle of generating
         line = proc.stderr.readline()
         assert line, "generation never started"
         seen += line
@@ -98,7 +100,7 @@ def test_killed_shard_is_redone(tiny_model_dir, tmp_path):
     assert not shard.exists()                          # an unfinished shard is never visible
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     got = read_jsonl(shard)
-    assert [r["prompt_id"] for r in got] == [f"q{i}" for i in range(160)]
+    assert [r["extra"]["source_prompt_id"] for r in got] == [f"q{i}" for i in range(160)]
 
 
 def test_accelerate_launch_splits_prompts_across_processes(tiny_model_dir, dataset, tmp_path):
@@ -114,7 +116,7 @@ def test_accelerate_launch_splits_prompts_across_processes(tiny_model_dir, datas
     assert res.returncode == 0, res.stderr[-2000:]
     a = read_jsonl(out / "train-frac00000-rank000-of002.jsonl")
     b = read_jsonl(out / "train-frac00000-rank001-of002.jsonl")
-    assert [r["prompt_id"] for r in a + b] == [f"p{i}" for i in range(10)]
+    assert [r["extra"]["source_prompt_id"] for r in a + b] == [f"p{i}" for i in range(10)]
     assert main(["convert", "--input_dir", str(out), "--output_dir", str(tmp_path / "pairs")]) == 0
 
 
@@ -138,7 +140,7 @@ def test_scored_logps_match_a_fresh_computation(tiny_model_dir, tiny_model, toke
                                          "fingerprint": fingerprint(str(tiny_model_dir))}
 
 
-def test_score_command_on_published_pairs(tiny_model_dir, tmp_path):
+def test_score_command_on_published_pairs(tiny_model_dir, tmp_path, capsys):
     from conftest import write_parquet
     u = {"role": "user", "content": "Hi?"}
     pairs = [{"real": [u, {"role": "assistant", "content": "Hello!"}],
@@ -149,7 +151,9 @@ def test_score_command_on_published_pairs(tiny_model_dir, tmp_path):
                  "--output_dir", str(tmp_path / "scored")]) == 0
     import pyarrow.parquet as pq
     t = pq.read_table(tmp_path / "scored" / "train_prefs-00000-of-00001.parquet").to_pylist()
-    assert len(t) == 3 and t[0]["generated"][-1]["content"] == "Bye."
+    # the same row three times is one pair, said in one line
+    assert "2 rows repeat a prompt read before" in capsys.readouterr().err
+    assert len(t) == 1 and t[0]["generated"][-1]["content"] == "Bye."
     assert t[0]["ref_logp_real"] < 0 and t[0]["ref_logp_generated"] < 0
 
 
@@ -174,3 +178,26 @@ def test_bad_input_is_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.jsonl: row 1: roles out of order" in err
     assert "Traceback" not in err
+
+
+def test_a_sample_depends_on_its_seed_not_on_its_batch(tiny_model_dir):
+    """The K samples of a prompt go in one pass as K seeded copies: a row's sample must be the
+    one it draws alone (issue: K samples in one batched pass)."""
+    from dataclasses import replace
+
+    from selfplay.engines.base import SamplingSettings, stream_seed
+    from selfplay.engines.hf import HFEngine
+
+    engine = HFEngine(str(tiny_model_dir), "cpu", "float32")
+    prompts = [[{"role": "user", "content": f"Question {i}: " + "more " * (3 * i)}]
+               for i in range(6)]
+    s = SamplingSettings(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=1, batch_size=8)
+    seeds = [stream_seed(1, "x", i) for i in range(6)]
+    together = engine.generate(prompts, s, seeds)
+    alone = [engine.generate([p], replace(s, batch_size=1), [seed])[0]
+             for p, seed in zip(prompts, seeds)]
+    assert [(g.text, g.n_tokens) for g in together] == [(g.text, g.n_tokens) for g in alone]
+    twice = engine.generate(prompts + prompts, s, seeds + [stream_seed(1, "y", i)
+                                                           for i in range(6)])
+    assert [g.text for g in twice[:6]] == [g.text for g in together]
+    assert sum(a.text != b.text for a, b in zip(twice[:6], twice[6:])) >= 4   # other seeds

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,69 @@ def test_changed_recipe_is_refused_unless_forced(tiny_model_dir, finished_run, c
     assert main(run_args(tiny_model_dir, finished_run, "--beta", "0.5")) == 2
     err = capsys.readouterr().err
     assert "beta differ" in err and "beta 0.1 -> 0.5" in err and "--force" in err
+
+
+def test_forced_change_redoes_what_it_feeds_and_records_it(tiny_model_dir, finished_run,
+                                                          tmp_path, capsys):
+    out = tmp_path / "forced"
+    shutil.copytree(finished_run, out)
+    before = json.loads((out / "manifest.json").read_text())
+    # an evaluation option feeds the evaluations only
+    assert main(run_args(tiny_model_dir, out, "--reference_likelihood", "false",
+                         "--force")) == 0
+    err = capsys.readouterr().err
+    assert "[force] reference_likelihood changed: redoing base/evaluate, iter0/evaluate, " \
+           "iter1/evaluate" in err
+    assert err.count("done; skipped") == 6 and err.count("redo (forced recipe change)") == 3, \
+        [x for x in err.splitlines() if x.startswith("[")]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["recipe"]["reference_likelihood"] is False and m["redo"] == []
+    assert m["forced"][-1]["changed"] == {"reference_likelihood": [True, False]}
+    assert m["stages"]["iter1/train"] == before["stages"]["iter1/train"]
+    assert m["stages"]["iter1/evaluate"]["forced"] is True
+    # a loss option redoes the training it feeds, and what reads the new model follows
+    assert main(run_args(tiny_model_dir, out, "--reference_likelihood", "false", "--beta",
+                         "0.5", "--force")) == 0
+    err = capsys.readouterr().err
+    assert "[force] beta changed: redoing iter0/train, iter1/train" in err
+    assert "[iter0/generate] done; skipped" in err and "[iter1/generate] start" in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["recipe"]["beta"] == 0.5 and m["redo"] == [] and len(m["forced"]) == 2
+    assert m["stages"]["iter0/train"]["checksums"] != before["stages"]["iter0/train"]["checksums"]
+    # the same recipe again: nothing to redo, also from a manifest of before relative keys
+    m = json.loads((out / "manifest.json").read_text())
+    m["recipe"]["output_dir"] = "somewhere/run"
+    for rec in m["stages"].values():
+        rec["checksums"] = {f"somewhere/run/{k}": v for k, v in rec["checksums"].items()}
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert main(run_args(tiny_model_dir, out, "--reference_likelihood", "false", "--beta",
+                         "0.5")) == 0
+    assert capsys.readouterr().err.count("done; skipped") == 9
+
+
+def test_affected_stages_follow_the_keys():
+    from selfplay.stages.run import affected_stages
+    order = ["base/evaluate", "sft/train", "sft/evaluate"] + [
+        f"iter{t}/{s}" for t in (0, 1) for s in ("generate", "convert", "train", "evaluate")]
+    base = {"learning_rate": 1e-6, "iterations": [], "sft_epochs": 1.0, "temperature": 0.0,
+            "num_iterations": 2, "max_new_tokens": 64, "drop_identical": True}
+
+    def hit(**change):
+        return affected_stages(base, {**base, **change}, order)
+    assert hit(iterations=[{}, {"learning_rate": 1e-7}]) == ["iter1/train"]
+    assert hit(learning_rate=2e-6) == ["iter0/train", "iter1/train"]   # SFT has its own
+    assert hit(warmup_ratio=0.2) == ["sft/train", "iter0/train", "iter1/train"]
+    assert hit(sft_epochs=2.0) == ["sft/train"]
+    assert hit(temperature=0.7) == ["iter0/generate", "iter1/generate"]
+    assert hit(max_new_tokens=32) == ["base/evaluate", "sft/evaluate", "iter0/generate",
+                                      "iter0/evaluate", "iter1/generate", "iter1/evaluate"]
+    assert hit(drop_identical=False) == ["iter0/convert", "iter1/convert"]
+    assert hit(num_iterations=3) == []
+    assert hit(num_train_epochs=1.0) == ["iter0/train", "iter1/train"]    # not the SFT stage's
+    assert hit(method="sppo") == ["iter0/generate", "iter0/convert", "iter0/train",
+                                  "iter1/generate", "iter1/convert", "iter1/train"]
+    assert hit(max_prompts=512, tasks_train_size=2600) == [
+        "sft/train", "iter0/generate", "iter1/generate"]
 
 
 def test_bad_recipe_value_fails_before_any_work(tiny_model_dir, tmp_path, capsys):

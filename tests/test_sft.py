@@ -164,3 +164,16 @@ def test_control_arm_takes_its_updates_from_a_spin_run(arms, tiny_model_dir, tmp
     assert _run(tiny_model_dir, tmp_path / "ctrl2", "--method", "sft", "--match_steps_of",
                 str(spin)) == 2                 # iteration 1 of that run never finished
     assert _run(tiny_model_dir, tmp_path / "x", "--match_steps_of", str(spin)) == 2  # not SPIN
+
+
+def test_fresh_prompts_give_each_iteration_the_next_ones(tiny_model_dir, tmp_path):
+    out = tmp_path / "fresh"
+    assert _run(tiny_model_dir, out, "--fresh_prompts", "true") == 0
+    from selfplay.data.formats import read_examples
+    train = [e.prompt_id for e in read_examples("builtin:tasks", "train", max_prompts=20).examples]
+    for t in (0, 1):      # after the SFT stage's 8 prompts, 6 new ones per iteration
+        shard = next((out / f"iter{t}" / "generated").glob("*.jsonl"))
+        assert [json.loads(x)["prompt_id"] for x in shard.read_text().splitlines()] == \
+            train[8 + 6 * t:14 + 6 * t]
+    assert main(["run", "--fresh_prompts", "true", "--max_prompts", "0", "--output_dir",
+                 str(tmp_path / "x")]) == 2           # every prompt each time: none left fresh

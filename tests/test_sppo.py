@@ -88,14 +88,6 @@ def test_callable_judge_and_matrix_checks(monkeypatch):
         judges.make_judge(RankSettings("my_judges:nope"))
 
 
-def test_pairrm_without_llm_blender_says_so():
-    import importlib.util
-    if importlib.util.find_spec("llm_blender") is not None:
-        pytest.skip("llm-blender is installed")
-    with pytest.raises(SelfplayError, match="optional package llm-blender"):
-        judges.make_judge(RankSettings("pairrm"))
-
-
 def test_reward_model_judge(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer, LlamaForSequenceClassification
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

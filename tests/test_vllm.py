@@ -54,7 +54,7 @@ def vllm_tiny_dir(tmp_path_factory, tokenizer):
 @pytest.mark.real_model
 def test_greedy_equals_hf_engine_and_samples_are_seeded():
     from selfplay.data.tasks import split_rows
-    from selfplay.engines.base import SamplingSettings
+    from selfplay.engines.base import SamplingSettings, stream_seed
     from selfplay.engines.hf import HFEngine
 
     prompts = [r["messages"][:1] for r in split_rows("test", 0, {"test": 12})]
@@ -70,14 +70,15 @@ def test_greedy_equals_hf_engine_and_samples_are_seeded():
         assert {g.finish_reason for g in hf} == {"eos", "length"}    # both kinds were compared
 
         sampled = SamplingSettings(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=3)
-        a = engine.generate(prompts, sampled, stream="s0")
-        assert [g.text for g in engine.generate(prompts, sampled, stream="s0")] == \
+        s0, s1 = ([stream_seed(3, s, i) for i in range(len(prompts))] for s in ("s0", "s1"))
+        a = engine.generate(prompts, sampled, s0)
+        assert [g.text for g in engine.generate(prompts, sampled, s0)] == \
             [g.text for g in a]                                        # repeatable
-        b = engine.generate(prompts, sampled, stream="s1")
+        b = engine.generate(prompts, sampled, s1)
         assert sum(x.text != y.text for x, y in zip(a, b)) >= len(prompts) // 2
-        # A request's seed comes from its own index: the same prompts in a shorter batch
-        # draw the same samples.
-        assert [g.text for g in engine.generate(prompts[:5], sampled, stream="s0")] == \
+        # A request draws from its own seed: the same prompts in a shorter batch draw the
+        # same samples.
+        assert [g.text for g in engine.generate(prompts[:5], sampled, s0[:5])] == \
             [g.text for g in a[:5]]
     finally:
         engine.close()

@@ -89,9 +89,13 @@ def cmd_convert(cfg: Config, args: list[str]) -> int:
         line = (f"{split}: {r.prompts} prompts -> {r.pairs} pairs from {r.shards} shards"
                 f", {r.truncated_share:.1%} generations cut by the token limit")
         if r.duplicate_prompt_ids_dropped:
-            line += f", {r.duplicate_prompt_ids_dropped} duplicate prompt_ids dropped"
+            line += (f", {r.duplicate_prompt_ids_dropped} rows repeating a prompt and reference "
+                     "of an earlier shard row dropped")
         if r.identical_pairs_dropped:
             line += f", {r.identical_pairs_dropped} identical to their references left out"
+        if r.empty_responses:
+            line += (f", {r.empty_responses} with an empty generated answer (kept: it is what "
+                     "θ_t answered)")
         if r.missing:
             line += f", MISSING: {'; '.join(r.missing)}"
         print(line + (f" -> {r.file}" if r.file else ""))
@@ -176,8 +180,7 @@ def cmd_tasks(cfg: Config, args: list[str]) -> int:
     if action != "export":
         raise SelfplayError(f"unknown tasks action {action!r}; use `selfplay tasks export OUT`.")
     d = cfg.data
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_dir(Path(out), "OUT")
     for split in SPLITS:
         rows = split_rows(split, d.tasks_seed, d.tasks_sizes())
         path = out_dir / f"{split}.{d.export_format}"

@@ -41,6 +41,7 @@ RUN_METHOD_DEFAULTS = {"sppo": {"output_dir": "runs/sppo", "max_prompts": 64,
                                 "learning_rate": 5e-6}}
 # Keys a resumed run may change without --force: they do not change what the run computes.
 RESUMABLE_KEYS = {"force", "from_iteration", "resume", "overwrite", "device", "batch_size",
+                  "output_dir",          # a run directory moved or copied resumes where it is
                   "logprob_chunk_size", "push_to_hub", "logging_steps", "save_steps",
                   # Greedy answers are the same tokens in either engine (tested); each stage's
                   # output records which one ran.
@@ -166,12 +167,16 @@ class ScoringSettings:
 class RankSettings:
     """SPPO's preference oracle."""
     judge: str = opt("rule", "Preference oracle: rule (task-suite checker), reward-model, pairrm "
-                     "(llm-blender), or module:function.", {"rank", "run"})
+                     "(llm-blender's PairRM), or module:function.", {"rank", "run"})
     reward_model: str = opt("", "With --judge reward-model: a sequence-classification model "
                             "(hub id or path).", {"rank", "run"})
     pairrm_estimator: str = opt("paper", "With --judge pairrm: paper (scores over all K, then "
                                 "σ(s_i − s_j)) or pairwise (one comparison per ordered pair).",
                                 {"rank", "run"}, choices=("paper", "pairwise"))
+    pairrm_model: str = opt("llm-blender/PairRM-hf", "With --judge pairrm: the PairRM weights, a "
+                            "hub id (read from the local Hugging Face cache first) or a "
+                            "checkpoint directory (PairRM-hf's layout or llm-blender/PairRM's).",
+                            {"rank", "run"})
 
 
 @dataclass
@@ -285,6 +290,9 @@ class RunSettings:
         "previous_and_current", "Pairs iteration t trains on: current (its own), or "
         "previous_and_current (iteration t-1's and t's, the paper's choice from iteration 1 on).",
         {"run"}, choices=("current", "previous_and_current"))
+    fresh_prompts: bool = opt(False, "Each iteration reads the next --max_prompts prompts "
+                              "(iteration t: from skip_prompts + t·max_prompts) instead of the "
+                              "same ones; the control arm reads what SPIN reads.", {"run"})
     start_from: str = opt("previous", "Weights iteration t starts from: previous (θ_t, the "
                           "paper) or sft (the original model; θ_t stays the reference).", {"run"},
                           choices=("previous", "sft"))
@@ -375,6 +383,8 @@ class Config:
         r = self.run
         self.validate_one()
         _need(r.num_iterations > 0, "--num_iterations must be positive.")
+        _need(not r.fresh_prompts or self.data.max_prompts > 0,
+              "--fresh_prompts needs --max_prompts (the prompts each iteration reads).")
         _need(0 <= r.from_iteration < r.num_iterations,
               f"--from_iteration {r.from_iteration} must lie in [0, --num_iterations "
               f"{r.num_iterations}).")

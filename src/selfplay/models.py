@@ -16,10 +16,12 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -127,6 +129,7 @@ def resolve(spec: str) -> ModelSource:
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise SelfplayError(f"{p} is a directory but holds no config.json: it is not a "
                                 "Hugging Face checkpoint.")
+        check_configs(p)
         return ModelSource(spec, "local", str(p))
     if p.is_file():
         raise SelfplayError(f"model {spec} is a file, not a model: give a checkpoint directory "
@@ -136,10 +139,23 @@ def resolve(spec: str) -> ModelSource:
     return ModelSource(spec, "hub", spec)
 
 
+# What a loader raises on a broken local checkpoint (a file cut short, not JSON, missing).
+_BROKEN = (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError)
+
+
 def from_pretrained(loader, src: ModelSource, **kwargs):
-    """Local cache first; the hub only for an uncached hub id, and only if it answers."""
+    """Local cache first; the hub only for an uncached hub id, and only if it answers. A local
+    checkpoint's files are checked first (check_weights); what a loader still fails on is one
+    sentence naming the checkpoint."""
     if src.kind != "hub":
-        return loader.from_pretrained(src.location, **kwargs)
+        if loader is not AutoTokenizer:
+            check_weights(Path(src.location))
+        try:
+            return loader.from_pretrained(src.location, **kwargs)
+        except _BROKEN as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise SelfplayError(f"model {src.spec} cannot be loaded ({why}); the checkpoint is "
+                                "incomplete or corrupt.") from None
     try:
         return loader.from_pretrained(src.location, local_files_only=True, **kwargs)
     except OSError:
@@ -153,6 +169,79 @@ def from_pretrained(loader, src: ModelSource, **kwargs):
         return loader.from_pretrained(src.location, **kwargs)
     except OSError as e:
         raise SelfplayError(f"could not load {src.spec!r} from the hub: {e}") from None
+
+
+def check_configs(root: Path) -> None:
+    """A checkpoint's config files must be JSON objects: a cut or garbled one is named here,
+    before any loader reads it."""
+    for name in IDENTITY_FILES:
+        f = root / name
+        if not f.is_file():
+            continue
+        try:
+            ok = isinstance(json.loads(f.read_text(encoding="utf-8")), dict)
+        except ValueError:           # JSONDecodeError, UnicodeDecodeError
+            ok = False
+        if not ok:
+            raise SelfplayError(f"model {root}: {name} is not a JSON object; the checkpoint is "
+                                "corrupt or was cut short (an interrupted save or copy?).")
+
+
+def _is_weight_file(p: Path) -> bool:
+    # Trainer checkpoints hold other .bin files (training_args.bin, optimizer.bin): not weights.
+    return p.suffix == ".safetensors" or (
+        p.suffix == ".bin" and p.name.startswith(("pytorch_model", "adapter_model")))
+
+
+def _safetensors_problem(p: Path) -> str | None:
+    """Why a .safetensors file cannot be whole, from its header alone; None if it can."""
+    size = p.stat().st_size
+    with p.open("rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or 8 + n > size:
+            return f"is cut short ({size} bytes, less than its own header)"
+        try:
+            meta = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"),
+                      default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "has a corrupt header"
+    if 8 + n + end != size:
+        return (f"holds {size} bytes where its header describes {8 + n + end}"
+                + (": it is cut short" if size < 8 + n + end else ""))
+    return None
+
+
+def check_weights(root: Path) -> None:
+    """A local checkpoint's weights, checked before a loader reads them: none at all, a shard
+    its index names but lacks, or a file cut short is one sentence naming the file."""
+    weights = sorted(p for p in root.iterdir() if p.is_file() and _is_weight_file(p))
+    if not weights:
+        has = " and ".join(n for n in IDENTITY_FILES if (root / n).is_file())
+        raise SelfplayError(f"model {root} holds {has} but no weights (*.safetensors or "
+                            "pytorch_model*.bin): the checkpoint is incomplete.")
+    for index in sorted(root.glob("*.index.json")):
+        try:
+            named = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise SelfplayError(f"model {root}: {index.name} is not a readable weight index; "
+                                "the checkpoint is corrupt.") from None
+        lost = sorted(n for n in named if not (root / n).is_file())
+        if lost:
+            raise SelfplayError(f"model {root}: {index.name} names {len(lost)} weight file(s) "
+                                f"that are missing ({lost[0]} first): the checkpoint is "
+                                "incomplete.")
+    for p in weights:
+        if p.suffix == ".safetensors":
+            why = _safetensors_problem(p)
+        else:       # torch.save's zip archive: its directory sits at the end of the file
+            with p.open("rb") as fh:
+                why = "is cut short" if fh.read(4) == b"PK\x03\x04" and \
+                    not zipfile.is_zipfile(p) else None
+        if why:
+            raise SelfplayError(f"model {root}: {p.name} {why}; the checkpoint is incomplete or "
+                                "corrupt (an interrupted save or copy?).")
 
 
 def load_tokenizer(spec: str | ModelSource):

@@ -52,6 +52,17 @@ def truncate(p: list[int], r: list[int], max_length: int, max_prompt_length: int
     return Encoded(p + r, len(p), truncated)
 
 
+def generation_prompt(p: list[int], max_new_tokens: int, max_length: int,
+                      max_prompt_length: int) -> list[int]:
+    """The prompt tokens a model answers at generation: those `truncate` keeps for a response
+    of max_new_tokens, so that θ_t answers the prompt that training sees (a prompt whole,
+    unless it is longer than max_prompt_length and the response could take it past
+    max_length: then its end). max_length 0 keeps every prompt whole."""
+    if max_length and len(p) > max_prompt_length and len(p) + max_new_tokens > max_length:
+        return p[-max_prompt_length:]
+    return p
+
+
 def encode(tokenizer, prompt: list[dict[str, str]], response: str, max_length: int,
            max_prompt_length: int) -> Encoded:
     return truncate(prompt_ids(tokenizer, prompt), response_ids(tokenizer, response),

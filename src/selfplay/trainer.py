@@ -13,6 +13,8 @@ The step function is all that differs between the stages.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -110,6 +112,7 @@ class Run:
     per_epoch: int                  # updates per epoch
     total: int                      # updates in all
     step: int                       # updates done (> 0 when resumed)
+    recipe: dict[str, Any]          # what the updates depend on; a checkpoint keeps it
 
 
 def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
@@ -137,15 +140,42 @@ def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
                               num_training_steps=total)
     accelerator.register_for_checkpointing(scheduler)
 
+    recipe = _recipe(training, lengths, seed, accelerator.num_processes)
     step = 0
     if training.resume and _checkpoints(out):
         last = _checkpoints(out)[-1]
+        state = json.loads((last / "trainer_state.json").read_text())
+        _same_recipe(state.get("recipe", recipe), recipe, last)
         accelerator.load_state(str(last))
-        step = json.loads((last / "trainer_state.json").read_text())["step"]
+        step = state["step"]
         if accelerator.is_main_process:
             print(f"resuming from {last} (update {step} of {total})", file=sys.stderr)
     return Run(accelerator, wrapped, tok, optimizer, scheduler, params, batches_of, per_epoch,
-               total, step)
+               total, step, recipe)
+
+
+# Options that change nothing a checkpoint holds or the updates still to come compute.
+_NOT_RECIPE = {"resume", "logging_steps", "save_steps", "gradient_checkpointing"}
+
+
+def _recipe(training: TrainingSettings, lengths: list[int], seed: int,
+            processes: int) -> dict[str, Any]:
+    """The training options, seed, process count and data (as its items' token counts, a
+    cheap fingerprint) that a resumed training must share with its checkpoint."""
+    data = hashlib.sha256(json.dumps(lengths).encode()).hexdigest()[:16]
+    return {**{k: v for k, v in dataclasses.asdict(training).items() if k not in _NOT_RECIPE},
+            "seed": seed, "processes": processes, "items": len(lengths), "data": data}
+
+
+def _same_recipe(old: dict[str, Any], new: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint under other options: the run would mix two recipes."""
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise SelfplayError(
+            f"{checkpoint} was made with other options ("
+            + "; ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+            + "); resume with the same options, or pass --overwrite to start over; nothing "
+            "was deleted.")
 
 
 def loop(r: Run, training: TrainingSettings, out: ModelLayout, step_fn: StepFn) -> int:
@@ -212,7 +242,7 @@ def loop(r: Run, training: TrainingSettings, out: ModelLayout, step_fn: StepFn) 
                         if k != "step":
                             tb.add_scalar(k, v, step)
             if training.save_steps and step % training.save_steps == 0 and step < r.total:
-                _save_checkpoint(acc_, out, step)
+                _save_checkpoint(acc_, out, step, r.recipe)
             if step >= r.total:
                 break
         epoch += 1
@@ -238,7 +268,7 @@ def _stop_if_not_finite(accelerator, losses: torch.Tensor, norm: torch.Tensor, u
         "or look for broken rows in the data.")
 
 
-def _save_checkpoint(accelerator, out: ModelLayout, step: int) -> None:
+def _save_checkpoint(accelerator, out: ModelLayout, step: int, recipe: dict[str, Any]) -> None:
     final = out.checkpoint(step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -246,7 +276,7 @@ def _save_checkpoint(accelerator, out: ModelLayout, step: int) -> None:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "recipe": recipe}))
         tmp.rename(final)
     accelerator.wait_for_everyone()
 

@@ -9,11 +9,18 @@ Layouts (detected from the columns, or named with --dataset_layout):
 
 A malformed row stops the read with the file and row named, unless skip_bad_rows is set, in
 which case it is skipped and counted in the result. Nothing is dropped silently.
+
+A prompt's id is a hash of its messages (roles and contents), whatever the layout or file it
+comes from, so that the same prompt read from two layouts is one prompt; a dataset's own
+`prompt_id` that differs from it is kept as the column `source_prompt_id`. Within one read, a
+row that repeats an earlier row's prompt with the same answer (and, in the pair layouts, the
+same generated/rejected answer) is dropped: it would only count that example twice. A row
+that repeats a prompt with another answer is kept: several answers to one prompt are data (SFT
+references, SPIN's K samples). Both are counted, and the first repeat named, in one line.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -25,6 +32,7 @@ from typing import Any, Iterator
 from selfplay import hub
 from selfplay.config import DataSettings
 from selfplay.data import tasks
+from selfplay.data.shards import prompt_hash
 from selfplay.errors import SelfplayError
 
 LAYOUTS = ("messages", "spin", "prompt_completion", "alpaca", "preference")
@@ -46,6 +54,19 @@ class ReadResult:
     layout: str
     files: list[str]
     skipped: list[str] = field(default_factory=list)   # "file: row N: reason"
+    repeats_dropped: int = 0        # rows repeating an earlier row's prompt and answers
+    repeats_kept: int = 0           # rows repeating an earlier row's prompt, other answers
+    first_repeat: str = ""          # "FILE row N, the prompt of FILE row M"
+
+    def repeats_line(self) -> str:
+        """One sentence on the rows that repeat a prompt read before; empty when none do."""
+        n = self.repeats_dropped + self.repeats_kept
+        if not n:
+            return ""
+        return (f"{n} rows repeat a prompt read before (first: {self.first_repeat}): "
+                f"{self.repeats_dropped} with the same answer dropped, as they would only count "
+                f"twice; {self.repeats_kept} with another answer kept, as several answers to one "
+                "prompt are data.")
 
     def summary(self) -> str:
         s = f"{len(self.examples)} examples ({self.layout} layout) from {len(self.files)} file(s)"
@@ -58,11 +79,6 @@ class ReadResult:
 
 class RowError(ValueError):
     """A row that cannot be read; the reader adds file and row number."""
-
-
-def prompt_hash(messages: list[dict[str, str]]) -> str:
-    blob = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,6 +172,13 @@ def _row_preference(row: dict, turn: str):
         raise RowError("missing `prompt` (and `chosen` is not a message list to take it from)")
     _as_answer(row["rejected"], "rejected")
     return prompt, _as_answer(chosen, "chosen")
+
+
+def _answer_text(value: Any) -> str:
+    """A pair layout's other answer (a string, or a chat ending with it) as text; "" if none."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return str(value[-1].get("content"))
+    return "" if value is None else str(value)
 
 
 PARSERS = {"messages": _row_messages, "spin": _row_spin,
@@ -309,6 +332,10 @@ def read_examples(source: str, split: str = "train", layout: str = "auto",
     examples: list[Example] = []
     skipped: list[str] = []
     file_layout: dict[str, str] = {}
+    first_seen: dict[str, str] = {}                 # prompt_id -> where it was first read
+    answers_seen: set[tuple[str, str, str]] = set()
+    dropped = kept = 0
+    first_repeat = ""
     for fname, n, row in stream:
         if max_prompts and len(examples) >= skip_prompts + max_prompts:
             break
@@ -329,16 +356,27 @@ def read_examples(source: str, split: str = "train", layout: str = "auto",
                 raise SelfplayError(msg + " (use --skip_bad_rows to skip such rows).") from None
             skipped.append(msg)
             continue
-        pid = row.get("prompt_id") or row.get("id")
+        pid = prompt_hash(prompt)
         extra = {k: v for k, v in row.items() if k not in CONSUMED[lay]}
-        examples.append(Example(str(pid) if pid not in (None, "") else prompt_hash(prompt),
-                                prompt, reference, extra))
+        if row.get("prompt_id") not in (None, "") and str(row["prompt_id"]) != pid:
+            extra.setdefault("source_prompt_id", row["prompt_id"])
+        where = f"{fname} row {n}"
+        if pid in first_seen:
+            first_repeat = first_repeat or f"{where}, the prompt of {first_seen[pid]}"
+        key = (pid, reference, _answer_text(extra.get("generated", extra.get("rejected"))))
+        if key in answers_seen:
+            dropped += 1
+            continue
+        kept += pid in first_seen
+        first_seen.setdefault(pid, where)
+        answers_seen.add(key)
+        examples.append(Example(pid, prompt, reference, extra))
     layouts = sorted(set(file_layout.values())) or ([layout] if layout != "auto" else ["?"])
     examples = examples[skip_prompts:]
     if not examples:
         raise SelfplayError(f"{source} (split {split!r}) has no usable rows"
                             + (f": all {len(skipped)} were bad." if skipped else "."))
-    return ReadResult(examples, "+".join(layouts), files, skipped)
+    return ReadResult(examples, "+".join(layouts), files, skipped, dropped, kept, first_repeat)
 
 
 def read_for(data: DataSettings, split: str | None = None) -> ReadResult:
@@ -347,10 +385,17 @@ def read_for(data: DataSettings, split: str | None = None) -> ReadResult:
                         data.reference_turn, data.skip_bad_rows, data.max_prompts,
                         data.tasks_seed, data.tasks_sizes(),
                         data.skip_prompts)
+    report_read(res)
+    return res
+
+
+def report_read(res: ReadResult) -> None:
+    """What a read gave, skipped and found repeated, on stderr."""
     print(f"read {res.summary()}", file=sys.stderr)
     for msg in res.skipped[:5]:
         print(f"  skipped: {msg}", file=sys.stderr)
-    return res
+    if res.repeats_line():
+        print(res.repeats_line(), file=sys.stderr)
 
 
 def held_out_split(data: DataSettings) -> str:

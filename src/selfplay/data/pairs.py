@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from selfplay.config import DataSettings
-from selfplay.data.formats import Example, ReadResult, read_examples
+from selfplay.data.formats import Example, ReadResult, read_examples, report_read
 from selfplay.data.shards import write_parquet_atomic
 from selfplay.errors import SelfplayError
 
@@ -169,10 +169,12 @@ def pair_from_example(ex: Example, source: str) -> PreferencePair:
 
 def read_pairs(source: str, split: str, data: DataSettings
                ) -> tuple[list[PreferencePair], ReadResult]:
-    """Every pair of one dataset, and the reader's result (layout, files, skipped rows)."""
+    """Every pair of one dataset, and the reader's result (layout, files, skipped rows); what
+    was read, skipped and repeated is reported on stderr."""
     res = read_examples(source, split, data.dataset_layout, data.reference_turn,
                         data.skip_bad_rows, data.max_prompts, data.tasks_seed,
                         data.tasks_sizes(), data.skip_prompts)
+    report_read(res)
     return [pair_from_example(ex, source) for ex in res.examples], res
 
 
@@ -192,6 +194,7 @@ class SplitReport:
     scored: bool                         # every pair carries reference log-probs
     file: str | None
     identical_pairs_dropped: int = 0              # SPIN, with drop_identical
+    empty_responses: int = 0        # pairs with an empty side: kept (θ_t's answer), counted
     mean_chosen_probs_win: float | None = None    # SPPO only
     mean_chosen_probs_lose: float | None = None
 

@@ -9,6 +9,7 @@ and renamed when complete, so a finished file is never partial and a re-run neve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,13 @@ SHARD_RE = re.compile(
 # ---------------------------------------------------------------------------------------
 # The shard row
 # ---------------------------------------------------------------------------------------
+
+def prompt_hash(messages: list[dict[str, str]]) -> str:
+    """A prompt's id (the key of shard rows and pairs): its messages' roles and contents, not
+    the layout or file they came from."""
+    blob = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
 
 @dataclass
 class ShardRow:

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from selfplay.data.shards import prompt_hash
 from selfplay.errors import SelfplayError
 
 FAMILIES = ("arithmetic", "units", "strings", "sorting", "calendar", "comparison")
@@ -307,11 +308,11 @@ def generate(split: str, n: int, seed: int = 0) -> list[Task]:
 
 
 def to_row(task: Task) -> dict:
-    """The chat `messages` layout (UltraChat-style), with the checkable answer alongside."""
-    return {"prompt_id": f"{task.family}-{hashlib.sha256(task.prompt.encode()).hexdigest()[:12]}",
-            "prompt": task.prompt,
-            "messages": [{"role": "user", "content": task.prompt},
-                         {"role": "assistant", "content": task.reference}],
+    """The chat `messages` layout (UltraChat-style), with the checkable answer alongside; the
+    prompt_id is the one every reader gives this prompt, in any layout."""
+    user = {"role": "user", "content": task.prompt}
+    return {"prompt_id": prompt_hash([user]), "prompt": task.prompt,
+            "messages": [user, {"role": "assistant", "content": task.reference}],
             "family": task.family, "answer": task.answer}
 
 

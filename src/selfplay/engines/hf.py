@@ -10,19 +10,22 @@ cheaper. Greedy outputs equal `model.generate`'s token for token (tested).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from selfplay.engines.base import Generation, SamplingSettings, stop_token_ids, stream_seed
+from selfplay.engines.base import Generation, SamplingSettings, row_seeds, stop_token_ids
 from selfplay.models import load_model
 from selfplay.rendering import prompt_ids
 
 
-def _pick(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator | None) -> torch.Tensor:
-    """Greedy, or temperature + nucleus (top-p) sampling, as vLLM and the SPPO scripts sample."""
-    if s.greedy:
+def _pick(logits: torch.Tensor, s: SamplingSettings,
+          gens: list[torch.Generator] | None) -> torch.Tensor:
+    """Greedy, or temperature + nucleus (top-p) sampling, as vLLM and the SPPO scripts sample;
+    row r draws from gens[r], its own stream."""
+    if s.greedy or gens is None:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / s.temperature, dim=-1)
     if s.top_p < 1.0:
@@ -30,13 +33,16 @@ def _pick(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator | None
         outside = sorted_p.cumsum(-1) - sorted_p > s.top_p      # keeps at least the top token
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(logits.device)
+    probs = probs.cpu()
+    picked = [torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(gens)]
+    return torch.cat(picked).to(logits.device)
 
 
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, stops: list[int],
-           s: SamplingSettings, gen: torch.Generator | None = None) -> list[list[int]]:
-    """New tokens per row of a left-padded batch, each list ending at its first stop token."""
+           s: SamplingSettings, gens: list[torch.Generator] | None = None) -> list[list[int]]:
+    """New tokens per row of a left-padded batch, each list ending at its first stop token;
+    sampled rows draw from gens (one per row)."""
     cache = DynamicCache(config=model.config)
     attn = attention_mask
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -47,7 +53,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, stops: 
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     next_pos = pos[:, -1] + 1
     for step in range(s.max_new_tokens):
-        tok = _pick(logits, s, gen)
+        tok = _pick(logits, s, None if gens is None else [gens[r] for r in alive.tolist()])
         steps.append((alive, tok))
         keep = (~torch.isin(tok, stop_t)).nonzero().squeeze(1)
         if step == s.max_new_tokens - 1 or len(keep) == 0:
@@ -68,13 +74,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, stops: 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: SamplingSettings,
-             stream: str = "0", desc: str = "generate") -> list[Generation]:
-    """One response per prompt, in the prompts' order.
-
-    `stream` names this pass (sample index, shard) so that sampled passes get distinct, repeatable
-    random streams: the same settings and stream give the same responses.
-    """
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+             seeds: Sequence[int] | None = None, desc: str = "generate") -> list[Generation]:
+    """One response per prompt, in the prompts' order; a sampled row draws from its own
+    stream (`seeds`, see engines.base.Engine), whatever else is in its batch."""
+    seeds = None if settings.greedy else row_seeds(settings, len(prompts), seeds)
+    encoded = [settings.prompt_tokens(prompt_ids(tokenizer, p)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))   # longest first: OOM early
     stops = stop_token_ids(model.generation_config.eos_token_id, tokenizer)
     pad = tokenizer.pad_token_id
@@ -82,7 +86,7 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: Sa
     out: list[Generation | None] = [None] * len(prompts)
     n_tok, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", mininterval=1.0)
-    for b, start in enumerate(range(0, len(order), settings.batch_size)):
+    for start in range(0, len(order), settings.batch_size):
         idx = order[start:start + settings.batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -90,9 +94,8 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: Sa
         for r, i in enumerate(idx):                 # left padding: generation continues at the end
             ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
             attn[r, width - len(encoded[i]):] = 1
-        gen = None if settings.greedy else \
-            torch.Generator().manual_seed(stream_seed(settings.seed, stream, b))
-        new = decode(model, ids.to(device), attn.to(device), stops, settings, gen)
+        gens = None if seeds is None else [torch.Generator().manual_seed(seeds[i]) for i in idx]
+        new = decode(model, ids.to(device), attn.to(device), stops, settings, gens)
         for r, i in enumerate(idx):
             ended = bool(new[r]) and new[r][-1] in stops
             toks = new[r][:-1] if ended else new[r]
@@ -112,9 +115,9 @@ class HFEngine:
     def __init__(self, spec: str, device: str = "auto", dtype: str = "auto"):
         self.model, self.tokenizer = load_model(spec, device, dtype)
 
-    def generate(self, prompts, settings: SamplingSettings, stream: str = "0",
+    def generate(self, prompts, settings: SamplingSettings, seeds: Sequence[int] | None = None,
                  desc: str = "generate") -> list[Generation]:
-        return generate(self.model, self.tokenizer, prompts, settings, stream, desc)
+        return generate(self.model, self.tokenizer, prompts, settings, seeds, desc)
 
     def close(self) -> None:
         self.model = None

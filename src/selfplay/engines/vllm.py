@@ -20,14 +20,15 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from selfplay.engines.base import Generation, SamplingSettings, stop_token_ids, stream_seed
+from selfplay.engines.base import Generation, SamplingSettings, row_seeds, stop_token_ids
 from selfplay.errors import SelfplayError
-from selfplay.models import load_tokenizer, pick_device, pick_dtype, resolve
+from selfplay.models import check_weights, load_tokenizer, pick_device, pick_dtype, resolve
 from selfplay.rendering import prompt_ids
 
 
@@ -43,6 +44,7 @@ def _model_dir(spec: str) -> str:
         raise SelfplayError(
             f"{spec} holds a LoRA adapter alone; the vLLM engine loads whole models, so save "
             "merged models (--merge_adapter true, the default) or use --engine hf.")
+    check_weights(Path(src.location))
     return src.location
 
 
@@ -100,19 +102,21 @@ class VllmEngine:
             eos = json.loads(config.read_text()).get("eos_token_id") if config.is_file() else None
         self.stops = stop_token_ids(eos, self.tokenizer)
 
-    def generate(self, prompts, settings: SamplingSettings, stream: str = "0",
+    def generate(self, prompts, settings: SamplingSettings, seeds: Sequence[int] | None = None,
                  desc: str = "generate") -> list[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        seeds = None if settings.greedy else row_seeds(settings, len(prompts), seeds)
 
         def params(i: int) -> SamplingParams:
             return SamplingParams(
                 max_tokens=settings.max_new_tokens, temperature=settings.temperature,
                 top_p=settings.top_p if not settings.greedy else 1.0,
-                seed=None if settings.greedy else stream_seed(settings.seed, stream, i),
+                seed=None if seeds is None else seeds[i],
                 stop_token_ids=self.stops, detokenize=False)
 
-        requests = [TokensPrompt(prompt_token_ids=prompt_ids(self.tokenizer, p)) for p in prompts]
+        requests = [TokensPrompt(prompt_token_ids=settings.prompt_tokens(
+            prompt_ids(self.tokenizer, p))) for p in prompts]
         def bar(*args, **kwargs):       # vLLM names its bar; ours names the pass
             return tqdm(*args, **{**kwargs, "desc": desc, "mininterval": 1.0})
 

@@ -7,18 +7,22 @@ sppo_pair() picks chosen (highest) and rejected (lowest) with the columns of the
 SPPO data: chosen_probs = P[w][l], chosen_probs_win = P̂(y_w ≻ π_t),
 chosen_probs_lose = P̂(y_l ≻ π_t).
 
-PairRM-style estimators, over a comparison function C(x, a, b) (a logit, > 0 when a is better):
-  paper     s_i = mean_j (C[i,j] − C[j,i]) over all K columns (the zero diagonal included),
-            then P[i][j] = σ(s_i − s_j) (uclaml/SPPO; s_i − s_j depends on the other
-            candidates, uclaml/SPPO#15)
+PairRM-style estimators, over the K×K matrix of comparison logits C[i][j] = C(x, y_i, y_j)
+(y_i in the left slot, y_j in the right; > 0 when y_i is better; the diagonal is never read):
+  paper     s_i = mean_j (C[i,j] − C[j,i]) over all K columns (the zero self term included),
+            then P[i][j] = σ(s_i − s_j) (uclaml/SPPO: llm-blender's rank(), whose scores are
+            get_scores_from_cmps' mean of C − Cᵀ; s_i − s_j depends on the other candidates,
+            uclaml/SPPO#15)
   pairwise  one comparison per ordered pair, symmetrised: P[i][j] = ½ (σ(C[i,j]) + σ(−C[j,i]))
+`paper_from_logits` and `pairwise_from_logits` take C (a judge computes it batched);
+`paper_estimator` and `pairwise_estimator` take a comparison function and build C pair by pair.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from selfplay.errors import SelfplayError
 
@@ -40,22 +44,37 @@ def from_outcomes(correct: Sequence[bool]) -> Matrix:
     return [[0.5 if a == b else (1.0 if a else 0.0) for b in correct] for a in correct]
 
 
-def _comparisons(compare: Compare, prompt: list[dict], responses: Sequence[str]) -> Matrix:
+def comparisons(compare: Compare, prompt: list[dict], responses: Sequence[str]) -> Matrix:
+    """C[i][j] = compare(prompt, y_i, y_j) off the diagonal, 0 on it."""
     k = len(responses)
     return [[0.0 if i == j else compare(prompt, responses[i], responses[j]) for j in range(k)]
             for i in range(k)]
 
 
-def paper_estimator(compare: Compare, prompt: list[dict], responses: Sequence[str]) -> Matrix:
-    c, k = _comparisons(compare, prompt, responses), len(responses)
-    s = [sum(c[i][j] - c[j][i] for j in range(k)) / k for i in range(k)]
+def paper_from_logits(c: Matrix) -> Matrix:
+    """s_i = (1/K) Σ_j (C[i][j] − C[j][i]), P[i][j] = σ(s_i − s_j)."""
+    k = len(c)
+    s = [sum(c[i][j] - c[j][i] for j in range(k) if j != i) / k for i in range(k)]
     return from_scores(s)
 
 
-def pairwise_estimator(compare: Compare, prompt: list[dict], responses: Sequence[str]) -> Matrix:
-    c, k = _comparisons(compare, prompt, responses), len(responses)
+def pairwise_from_logits(c: Matrix) -> Matrix:
+    """P[i][j] = ½ (σ(C[i][j]) + σ(−C[j][i])), ½ on the diagonal; P[i][j] + P[j][i] = 1."""
+    k = len(c)
     return [[0.5 if i == j else 0.5 * (_sigmoid(c[i][j]) + _sigmoid(-c[j][i]))
              for j in range(k)] for i in range(k)]
+
+
+ESTIMATORS: dict[str, Callable[[Matrix], Matrix]] = {"paper": paper_from_logits,
+                                                      "pairwise": pairwise_from_logits}
+
+
+def paper_estimator(compare: Compare, prompt: list[dict], responses: Sequence[str]) -> Matrix:
+    return paper_from_logits(comparisons(compare, prompt, responses))
+
+
+def pairwise_estimator(compare: Compare, prompt: list[dict], responses: Sequence[str]) -> Matrix:
+    return pairwise_from_logits(comparisons(compare, prompt, responses))
 
 
 def win_rates(p: Matrix) -> list[float]:

@@ -5,6 +5,10 @@ K samples give K); ranked shards (`selfplay rank`) give SPPO pairs (`chosen`, `r
 `chosen_probs`, `chosen_probs_win`, `chosen_probs_lose`; prompts whose K responses all tie are
 left out and counted). Output: `{train,test}_prefs-00000-of-00001.parquet`, so that published
 datasets and ours are interchangeable, plus `convert_report.json`.
+
+A shard row that repeats an earlier row's prompt and reference (overlapping shards) is left
+out and counted. A pair with an empty response (θ_t ended at once, or decoded to whitespace) is
+kept, as θ_t's own answer, which SPIN trains away from, and counted: never silently.
 """
 
 from __future__ import annotations
@@ -30,18 +34,24 @@ def _stamp(r: ShardRow) -> ScoreStamp | None:
     return ScoreStamp.from_json(r.score_settings) if r.scored else None
 
 
-def spin_pairs(rows: list[ShardRow], drop_identical: bool = False) -> list[PreferencePair]:
+def spin_pairs(rows: list[ShardRow], drop_identical: bool = False
+               ) -> tuple[list[PreferencePair], int]:
     """One SPIN pair per generated response: the dataset's answer against θ_t's (with
-    drop_identical, not where the two are the same text)."""
-    return [PreferencePair(
-        prompt_id=r.prompt_id, prompt=r.prompt, chosen=r.reference, rejected=resp,
-        rejected_tokens=r.response_tokens[k], finish_reason=r.finish_reasons[k],
-        ref_logp_chosen=r.ref_logp_reference, ref_ntok_chosen=r.ref_ntok_reference,
-        ref_logp_rejected=r.ref_logp_responses[k] if r.scored else None,
-        ref_ntok_rejected=r.ref_ntok_responses[k] if r.scored else None,
-        scored_with=_stamp(r), extra=_scalar_extras(r.extra))
-        for r in rows for k, resp in enumerate(r.responses)
-        if not (drop_identical and resp.strip() == r.reference.strip())]
+    drop_identical, not where the two are the same text); and how many were left out."""
+    pairs, identical = [], 0
+    for r in rows:
+        for k, resp in enumerate(r.responses):
+            if drop_identical and resp.strip() == r.reference.strip():
+                identical += 1
+                continue
+            pairs.append(PreferencePair(
+                prompt_id=r.prompt_id, prompt=r.prompt, chosen=r.reference, rejected=resp,
+                rejected_tokens=r.response_tokens[k], finish_reason=r.finish_reasons[k],
+                ref_logp_chosen=r.ref_logp_reference, ref_ntok_chosen=r.ref_ntok_reference,
+                ref_logp_rejected=r.ref_logp_responses[k] if r.scored else None,
+                ref_ntok_rejected=r.ref_ntok_responses[k] if r.scored else None,
+                scored_with=_stamp(r), extra=_scalar_extras(r.extra)))
+    return pairs, identical
 
 
 def sppo_pairs(rows: list[ShardRow]) -> tuple[list[PreferencePair], int]:
@@ -83,14 +93,17 @@ def convert(settings: ConvertSettings, out_dir: Path) -> ConvertReport:
         rows, seen, dups = [], set(), 0
         for f in files:
             for row in read_shard(f):
-                if row.prompt_id in seen:
+                # the same prompt with another reference is other data (the readers keep it)
+                if (row.prompt_id, row.reference) in seen:
                     dups += 1
                     continue
-                seen.add(row.prompt_id)
+                seen.add((row.prompt_id, row.reference))
                 rows.append(row)
         ranked = bool(rows) and rows[0].ranked
-        pairs, ties = sppo_pairs(rows) if ranked else \
-            (spin_pairs(rows, settings.drop_identical), 0)
+        if ranked:
+            (pairs, ties), identical = sppo_pairs(rows), 0
+        else:
+            (pairs, identical), ties = spin_pairs(rows, settings.drop_identical), 0
         out_dir.mkdir(parents=True, exist_ok=True)
         dest = pairs_file(out_dir, split)
         if pairs:
@@ -99,8 +112,8 @@ def convert(settings: ConvertSettings, out_dir: Path) -> ConvertReport:
         report.splits[split] = SplitReport(
             shards=len(files), missing=missing, prompts=len(rows), pairs=n,
             duplicate_prompt_ids_dropped=dups, all_tie_prompts_left_out=ties,
-            identical_pairs_dropped=0 if ranked else
-            sum(len(r.responses) for r in rows) - len(pairs),
+            identical_pairs_dropped=identical,
+            empty_responses=sum(not (p.rejected.strip() and p.chosen.strip()) for p in pairs),
             truncated_share=sum(p.finish_reason == "length" for p in pairs) / n if n else 0.0,
             scored=bool(pairs) and all(p.has_reference for p in pairs),
             file=str(dest) if pairs else None,

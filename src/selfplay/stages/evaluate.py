@@ -102,7 +102,9 @@ def saved_rows(path: Path, prompt_ids: list[str]) -> list[dict]:
                             f"({type(e).__name__}).") from None
     if [r.get("prompt_id") for r in saved] != prompt_ids:
         raise SelfplayError(f"--baseline {path} evaluated other prompts than this evaluation "
-                            "(another split, size or seed); a paired comparison needs the same.")
+                            "(another split, size or seed; or it was written before prompt ids "
+                            "were hashes of the prompt: evaluate the baseline again); a paired "
+                            "comparison needs the same.")
     return saved
 
 

@@ -9,8 +9,12 @@ from tqdm.auto import tqdm
 
 from selfplay.data.shards import list_shards, pending, read_shard, write_shard
 from selfplay.errors import SelfplayError
-from selfplay.judges import Judge
+from selfplay.judges import Judge, judge_many
 from selfplay.judges.preferences import win_rates
+
+# Prompts judged per call: a batching judge (PairRM) compares all their pairs in one run,
+# K·(K − 1) each, while the progress bar still moves every chunk.
+PROMPTS_PER_CALL = 64
 
 
 def rank(shards_dir: Path, out_dir: Path, judge: Judge, overwrite: bool = False) -> list[Path]:
@@ -25,9 +29,13 @@ def rank(shards_dir: Path, out_dir: Path, judge: Judge, overwrite: bool = False)
         if rows and len(rows[0].responses) < 2:
             raise SelfplayError(f"{p}: ranking needs K >= 2 responses per prompt; generate "
                                 "with --num_samples 5 --temperature 0.7 --top_p 0.9.")
-        for r in tqdm(rows, desc=f"rank {p.name}", unit="prompt", mininterval=1.0):
-            r.matrix = judge.matrix(r.prompt, r.responses, r.extra)
-            r.win_rates = win_rates(r.matrix)
-            r.judge = judge.name
+        with tqdm(total=len(rows), desc=f"rank {p.name}", unit="prompt", mininterval=1.0) as bar:
+            for s in range(0, len(rows), PROMPTS_PER_CALL):
+                chunk = rows[s:s + PROMPTS_PER_CALL]
+                mats = judge_many(judge, [r.prompt for r in chunk], [r.responses for r in chunk],
+                                  [r.extra for r in chunk])
+                for r, m in zip(chunk, mats):
+                    r.matrix, r.win_rates, r.judge = m, win_rates(m), judge.name
+                bar.update(len(chunk))
         write_shard(dest, rows)
     return [out_dir / p.name for p in shards]

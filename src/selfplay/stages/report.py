@@ -10,6 +10,7 @@ import matplotlib
 
 from selfplay.data.pairs import ConvertReport, SplitReport
 from selfplay.data.run_layout import RunLayout
+from selfplay.data.shards import writable_dir
 from selfplay.errors import SelfplayError
 from selfplay.stats import paired_change
 
@@ -209,6 +210,8 @@ def write_report(run_dir: str | Path) -> str:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the iteration table."""
     layout = RunLayout(Path(run_dir))
     models = load_models(layout)
+    writable_dir(layout.root, "RUN_DIR")            # checked before the plots are drawn
+    writable_dir(layout.plots, "RUN_DIR/plots")
     manifest = json.loads(layout.manifest.read_text()) if layout.manifest.exists() else {}
     recipe = manifest.get("recipe", {})
     pngs = plots(models, layout.plots, recipe.get("method", "spin"))

@@ -18,6 +18,9 @@ each stage its state and output checksums. A stage whose record says done and wh
 still match is skipped; anything else is (re)done by stage functions that are themselves
 resumable (shards, training checkpoints). When a redone stage's outputs differ from what the
 manifest recorded, every later stage is invalidated and redone: nothing stale survives.
+A changed recipe is refused unless --force; a forced change redoes exactly the stages the
+changed keys feed (affected_stages), their old outputs removed first, and the manifest
+records what changed and what was redone ("forced").
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from selfplay.config import RESUMABLE_KEYS, Config, ConvertSettings, DataSettings
+from selfplay.config import GROUP_OF, RESUMABLE_KEYS, Config, ConvertSettings, DataSettings
 from selfplay.data.formats import held_out_split, read_for
 from selfplay.data.run_layout import IterationLayout, RunLayout
 from selfplay.data.shards import write_json_atomic
@@ -51,7 +54,9 @@ from selfplay.stages.sft import sft as run_sft
 from selfplay.stages.train import train
 
 
-def _sha256(paths: list[Path]) -> dict[str, str]:
+def _sha256(paths: list[Path], root: Path) -> dict[str, str]:
+    """Checksums keyed by path relative to the run directory, so that a moved or copied run
+    still resumes."""
     out = {}
     for p in paths:
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
@@ -63,7 +68,7 @@ def _sha256(paths: list[Path]) -> dict[str, str]:
             with f.open("rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
-        out[str(p)] = h.hexdigest() if files or p.exists() else "missing"
+        out[str(p.relative_to(root))] = h.hexdigest() if files or p.exists() else "missing"
     return out
 
 
@@ -76,17 +81,21 @@ def _fault(key: str) -> None:
 
 class Manifest:
     def __init__(self, layout: RunLayout, cfg: Config):
-        self.path = layout.manifest
+        self.path, self.root = layout.manifest, layout.root
         recipe = {k: v for k, v in cfg.flat().items() if k not in RESUMABLE_KEYS}
         if self.path.exists():
             self.data = json.loads(self.path.read_text())
-            old = self.data["recipe"]
+            self._relative_checksums(self.data["recipe"].get("output_dir"))
+            # a key made resumable since the run began is no difference either
+            old = {k: v for k, v in self.data["recipe"].items() if k not in RESUMABLE_KEYS}
             diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
             if diff and not cfg.run.force:
                 raise SelfplayError(
                     f"{layout.root} was started with another recipe ({', '.join(diff)} differ: "
                     + "; ".join(f"{k} {old.get(k)!r} -> {recipe.get(k)!r}" for k in diff[:4])
                     + "); use the same recipe to resume, another --output_dir, or --force.")
+            if diff:
+                self._force(old, recipe, diff, stage_order(cfg))
             self.data["recipe"] = recipe
         else:
             self.data = {"recipe": recipe, "stages": {}, "created": time.time()}
@@ -99,35 +108,130 @@ class Manifest:
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
 
+    def _relative_checksums(self, old_root: str | None) -> None:
+        """Manifests written before checksums were keyed inside the run directory keyed them
+        by the path the run was given (`output_dir`): rewritten, they still match."""
+        prefix = f"{old_root.rstrip('/')}/" if old_root else None
+        for rec in self.data["stages"].values():
+            sums = rec.get("checksums") or {}
+            if prefix and any(k.startswith(prefix) for k in sums):
+                rec["checksums"] = {k.removeprefix(prefix): v for k, v in sums.items()}
+
+    def _force(self, old: dict, new: dict, diff: list[str], order: list[str]) -> None:
+        """Mark the stages a forced recipe change affects for redoing. The marks live in the
+        manifest, so that a run killed before it redid them still redoes them when resumed."""
+        started = [k for k in affected_stages(old, new, order) if k in self.data["stages"]]
+        pending = self.data.setdefault("redo", [])
+        pending += [k for k in started if k not in pending]
+        self.data.setdefault("forced", []).append(
+            {"at": time.time(), "changed": {k: [old.get(k), new.get(k)] for k in diff},
+             "redo": started})
+        print(f"[force] {', '.join(diff)} changed: "
+              + (f"redoing {', '.join(started)}" if started else "no finished stage reads them")
+              + " (and any stage after them whose inputs then change)", file=sys.stderr)
+
+    def redoing(self, key: str) -> bool:
+        """Whether a forced recipe change makes `key` redo its work from scratch."""
+        return key in self.data.get("redo", [])
+
     def stage(self, key: str, outputs: list[Path], work, *, order: list[str]) -> bool:
         """Run `work` unless the stage is done with intact outputs; True if it ran."""
         rec = self.data["stages"].get(key)
-        if rec and rec["state"] == "done" and _sha256(outputs) == rec["checksums"]:
+        forced = self.redoing(key)
+        if rec and rec["state"] == "done" and not forced and \
+                _sha256(outputs, self.root) == rec["checksums"]:
             print(f"[{key}] done; skipped", file=sys.stderr)
             return False
-        print(f"[{key}] {'redo' if rec else 'start'}", file=sys.stderr)
+        print(f"[{key}] {'redo (forced recipe change)' if forced else 'redo' if rec else 'start'}",
+              file=sys.stderr)
         self.data["stages"][key] = {"state": "running", "started": time.time()}
         self.save()
+        if forced:     # what the old recipe wrote must not be resumed or reused as complete
+            _remove(outputs)
         t = time.perf_counter()
         work()
         _fault(key)
-        sums = _sha256(outputs)
+        sums = _sha256(outputs, self.root)
         if rec and rec.get("checksums") and rec["checksums"] != sums:
             self.invalidate_after(key, order)
         self.data["stages"][key] = {"state": "done", "checksums": sums,
-                                    "seconds": round(time.perf_counter() - t, 1)}
+                                    "seconds": round(time.perf_counter() - t, 1),
+                                    **({"forced": True} if forced else {})}
+        if forced:
+            self.data["redo"].remove(key)
         self.save()
         return True
 
     def invalidate_after(self, key: str, order: list[str]) -> None:
-        for later in order[order.index(key) + 1:]:
+        """Everything after `key`, which now holds other outputs. An evaluation is read only
+        by the evaluations after it (their paired tests), so only those follow it."""
+        after = order[order.index(key) + 1:]
+        if _kind(key) == "evaluate":
+            after = [s for s in after if _kind(s) == "evaluate"]
+        for later in after:
             rec = self.data["stages"].pop(later, None)
-            for p in (rec or {}).get("checksums", {}):
-                path = Path(p)
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                elif path.exists():
-                    path.unlink()
+            _remove([self.root / p for p in (rec or {}).get("checksums", {})])
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+
+
+# Which stages each recipe key feeds, by stage kind (the part of a stage key after "/"; the
+# SFT stage that makes θ_0 is "sft/train", the control arm's iterations are "sft"). A key
+# not named here feeds its group's stages (_GROUP_FEEDS). Later stages that read a redone
+# stage's outputs follow by checksum (Manifest.stage), so only direct readers are listed.
+_ALL = frozenset({"evaluate", "sft/train", "generate", "rank", "convert", "train", "sft"})
+_TRAINING = frozenset({"sft/train", "train", "sft"})
+_GROUP_FEEDS = {"model": _ALL, "data": _ALL, "scoring": _ALL, "generation": {"generate"},
+                "rank": {"rank", "evaluate"}, "convert": {"convert"}, "training": _TRAINING,
+                "lora": _TRAINING, "evaluation": {"evaluate"}, "run": _ALL, "job": _ALL}
+_KEY_FEEDS = {"max_new_tokens": {"generate", "evaluate"},     # it caps the evaluation budget
+              "seed": {"sft/train", "generate", "train", "sft"},
+              # the iterations' prompts: evaluations and the SFT stage set their own
+              "max_prompts": {"generate", "sft"}, "skip_prompts": {"generate", "sft"},
+              "tasks_train_size": {"sft/train", "generate", "sft"},
+              "tasks_validation_size": {"evaluate"}, "tasks_test_size": {"evaluate"},
+              "eval_split": {"evaluate"},
+              # the SFT stage and the control arm train with sft_learning_rate, AdamW, SFT's loss
+              "learning_rate": {"train"}, "optim": {"train"}, "beta": {"train"},
+              "loss_type": {"train"}, "reference_model": {"train"},
+              "num_train_epochs": {"train", "sft"}, "max_steps": {"train", "sft"},
+              "num_iterations": set(), "sft_epochs": {"sft/train"},
+              "sft_max_prompts": {"sft/train"}, "sft_learning_rate": {"sft/train", "sft"},
+              "data_policy": {"train", "sft"}, "start_from": {"train"},
+              "match_steps_of": {"sft"}, "fresh_prompts": {"generate", "sft"},
+              # the iterations; their evaluations follow their new models (and the judge's
+              # win rate follows rank)
+              "method": {"generate", "rank", "convert", "train", "sft"}}
+
+
+def _feeds(key: str) -> set[str]:
+    return set(_KEY_FEEDS.get(key, _GROUP_FEEDS.get(GROUP_OF.get(key, "run"), _ALL)))
+
+
+def _kind(stage: str) -> str:
+    return stage if stage == "sft/train" else stage.split("/", 1)[1]
+
+
+def affected_stages(old: dict, new: dict, order: list[str]) -> list[str]:
+    """The stages of `order` whose work reads a key that differs between two recipes;
+    `iterations` entries count for their own iteration only."""
+    hit: set[str] = set()
+    for key in (k for k in set(old) | set(new) if old.get(k) != new.get(k)):
+        if key != "iterations":
+            hit |= {s for s in order if _kind(s) in _feeds(key)}
+            continue
+        a, b = old.get(key) or [], new.get(key) or []
+        for t in range(max(len(a), len(b))):
+            o, n = (a[t] if t < len(a) else {}) or {}, (b[t] if t < len(b) else {}) or {}
+            for k in (k for k in set(o) | set(n) if o.get(k) != n.get(k)):
+                hit |= {s for s in order if s.startswith(f"iter{t}/") and _kind(s) in _feeds(k)}
+    return [s for s in order if s in hit]
 
 
 def package_version(pkg: str) -> str:
@@ -189,8 +293,8 @@ def run(cfg: Config) -> Path:
             replace(cfg.model, model_name_or_path=sft),
             replace(cfg.data, split="train", max_prompts=cfg.run.sft_max_prompts,
                     skip_prompts=0), cfg.scoring,
-            cfg.sft_training(cfg.run.sft_epochs), cfg.lora, s.model.root, seed=cfg.job.seed),
-            order=order)
+            cfg.sft_training(cfg.run.sft_epochs), cfg.lora, s.model.root, seed=cfg.job.seed,
+            overwrite=manifest.redoing("sft/train")), order=order)
         _evaluate_stage(manifest, order, "sft/evaluate", cfg, s, None, layout.base_eval)
         theta = sft = str(s.model.root)
         prev_eval = s.eval
@@ -199,6 +303,9 @@ def run(cfg: Config) -> Path:
         c = cfg.for_iteration(t)
         it = layout.iteration(t)
         train_data = replace(c.data, split="train")
+        if c.run.fresh_prompts:
+            train_data = replace(train_data,
+                                 skip_prompts=c.data.skip_prompts + t * c.data.max_prompts)
         # Iteration t of SPIN trains on previous + current pairs of the same prompts: twice
         # as many items as one pass, which the control arm matches by seeing each twice.
         twice = c.run.data_policy == "previous_and_current" and t > cfg.run.from_iteration
@@ -210,7 +317,8 @@ def run(cfg: Config) -> Path:
                            lambda: run_sft(
                                replace(c.model, model_name_or_path=theta), train_data, c.scoring,
                                training, c.lora, it.model.root, seed=c.job.seed,
-                               repeat=2 if twice else 1),
+                               repeat=2 if twice else 1,
+                               overwrite=manifest.redoing(f"iter{t}/sft")),
                            order=order)
             _evaluate_stage(manifest, order, f"iter{t}/evaluate", c, it, None, prev_eval)
             theta, prev_eval = str(it.model.root), it.eval
@@ -238,7 +346,8 @@ def run(cfg: Config) -> Path:
             replace(c.model, model_name_or_path=start),
             replace(train_data, max_prompts=0, skip_prompts=0),
             sources, c.scoring, replace(c.training, reference_model=theta, resume=True),
-            c.lora, it.model.root, seed=c.job.seed), order=order)
+            c.lora, it.model.root, seed=c.job.seed,
+            overwrite=manifest.redoing(f"iter{t}/train")), order=order)
         _evaluate_stage(manifest, order, f"iter{t}/evaluate", c, it, judge, prev_eval)
         theta, prev_eval = str(it.model.root), it.eval
     table = write_report(layout.root)
@@ -286,6 +395,9 @@ def _convert_nonempty(shards: Path, pairs_dir: Path, t: int, drop_identical: boo
     report = convert(ConvertSettings(shards_dir=str(shards), drop_identical=drop_identical),
                      pairs_dir)
     train = report.splits.get("train")
+    if train and train.empty_responses:
+        print(f"iteration {t}: {train.empty_responses} of {train.pairs} pairs have an empty "
+              "generated answer (kept: it is what θ_t answered).", file=sys.stderr)
     if train is None or not train.pairs:
         why = (f"all {train.identical_pairs_dropped} generated answers equal their references"
                if train and train.identical_pairs_dropped else

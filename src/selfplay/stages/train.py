@@ -45,6 +45,8 @@ from selfplay.trainer import (StepFn, claim, loop, prepare, save_final, skip_if_
 # The loss arguments each SPPO loss takes, and the pair fields they come from.
 LOSS_PROBS = {"sppo": {"p_win": "chosen_probs_win", "p_lose": "chosen_probs_lose"},
               "sppo_single": {"p_chosen": "chosen_probs"}}
+# Losses of the pair alone: SPPO's win probabilities, where a dataset has them, go unused.
+PAIR_ONLY_LOSSES = ("sigmoid", "hinge")
 
 
 @dataclass
@@ -70,6 +72,7 @@ class PairStats:
     sources: list[SourceStats] = field(default_factory=list)
     truncated: int = 0
     stored_reference: int = 0
+    unused_probs: list[str] = field(default_factory=list)   # sources whose SPPO columns go unused
 
     def to_json(self) -> dict[str, Any]:
         return {"sources": [vars(s) for s in self.sources], "truncated": self.truncated,
@@ -93,6 +96,9 @@ def load_pairs(sources: list[tuple[str, float]], data: DataSettings, scoring: Sc
         records, res = read_pairs(src, data.split, data)
         n = int(share * len(records))
         stats.sources.append(SourceStats(src, share, n, len(res.skipped)))
+        if loss_type in PAIR_ONLY_LOSSES and any(r.chosen_probs_win is not None or
+                                                 r.chosen_probs is not None for r in records[:n]):
+            stats.unused_probs.append(src)
         for rec in records[:n]:
             p = prompt_ids(tokenizer, rec.prompt)
             pair = TrainPair(
@@ -246,6 +252,10 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
                            fingerprint(ref_spec))
     pairs, stats = load_pairs(sources, data, scoring, training.loss_type,
                               None if lora.load_in_4bit else reference, tok)
+    if accelerator.is_main_process and stats.unused_probs:
+        print(f"warning: {', '.join(stats.unused_probs)} holds SPPO win probabilities "
+              "(chosen_probs, chosen_probs_win, chosen_probs_lose), which --loss_type "
+              f"{training.loss_type} ignores; --loss_type sppo trains on them.", file=sys.stderr)
     if accelerator.is_main_process:
         print(f"{len(pairs)} pairs; {stats.truncated} truncated to max_length "
               f"{scoring.max_length} / max_prompt_length {scoring.max_prompt_length}; "
