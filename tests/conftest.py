@@ -101,3 +101,58 @@ def kill_after_first_checkpoint(args: list[str], out: Path, timeout: float = 120
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "training_complete.json").exists()
+
+
+
+def _selfplay(args: list[str]):
+    import subprocess
+    import sys
+    # the tests directory importable, as the stand-in judges (`stand_in_judges:NAME`) need
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    return subprocess.Popen([sys.executable, "-m", "selfplay", *args],
+                            env={**os.environ, "PYTHONPATH": path},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for(proc, marker: str, timeout: float) -> None:
+    """Read the process's stderr until `marker` appears (bytes: progress bars end in \r)."""
+    import select
+    import time
+    seen, deadline = b"", time.time() + timeout
+    while marker.encode() not in seen:
+        assert time.time() < deadline, f"no {marker!r} on stderr before the deadline"
+        if select.select([proc.stderr], [], [], 0.1)[0]:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            assert chunk, f"ended before {marker!r}: {seen[-2000:].decode(errors='replace')}"
+            seen += chunk
+
+
+def seconds_after(args: list[str], marker: str, timeout: float = 120) -> float:
+    """Run `python -m selfplay ARGS` to its end; the seconds from `marker` on stderr to exit."""
+    import time
+    proc = _selfplay(args)
+    _wait_for(proc, marker, timeout)
+    t = time.perf_counter()
+    proc.stderr.read()                               # drained, so it never blocks on a pipe
+    assert proc.wait() == 0
+    return time.perf_counter() - t
+
+
+def kill_at_random_point(args: list[str], marker: str, window: float, rng,
+                         timeout: float = 120) -> float:
+    """Run `python -m selfplay ARGS`, wait until `marker` appears on its stderr (its work has
+    begun), then kill -9 it after a delay drawn uniformly from [0, window) seconds.
+
+    Returns the delay; fails if the command ended before it was killed.
+    """
+    import signal
+    import time
+    proc = _selfplay(args)
+    _wait_for(proc, marker, timeout)
+    delay = float(rng.uniform(0, window))
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, f"ended before the kill ({delay:.2f} s)"
+    return delay

@@ -110,6 +110,9 @@ def test_help_lists_only_the_commands_options_under_headings():
     assert "--num_fracs" in text and "--learning_rate" not in text
     train = format_help("train")
     assert "LoRA / QLoRA:" in train and "--temperature" not in train
+    # each command's own options first: what its user reaches for most
+    assert train.startswith("training:") and format_help("run").startswith("the loop:")
+    assert format_help("evaluate").startswith("evaluation:")
 
 
 def test_help_piped_to_a_closed_reader_exits_cleanly():

@@ -61,6 +61,25 @@ def test_round_trip_published_layout(tmp_path):
     assert json.loads((tmp_path / "out" / "convert_report.json").read_text())["splits"]
 
 
+def test_ultrachat_split_names_become_train_and_test_pairs(tmp_path):
+    """Shards generated from UltraChat-200k's `train_sft`/`test_sft` splits give the train and
+    test pair files that `selfplay train` reads (they were not found at all before)."""
+    g = tmp_path / "gen"
+    g.mkdir()
+    make_shards(g, "train_sft", [0, 1])
+    make_shards(g, "test_sft", [0])
+    rep = convert(g, tmp_path / "out", num_fracs=2)
+    assert list(rep["splits"]) == ["train", "test"]
+    assert rep["splits"]["train"]["pairs"] == 6 and rep["splits"]["test"]["pairs"] == 3
+    assert (tmp_path / "out" / "train_prefs-00000-of-00001.parquet").exists()
+    with pytest.raises(SelfplayError, match="missing train_sft fraction 2"):
+        convert(g, tmp_path / "out", num_fracs=3)
+    make_shards(g, "train", [0])
+    with pytest.raises(SelfplayError, match="splits train and train_sft, which would both "
+                                            "become train pairs"):
+        convert(g, tmp_path / "out2")
+
+
 def test_missing_fraction_fails_unless_told(tmp_path):
     g = tmp_path / "gen"
     g.mkdir()

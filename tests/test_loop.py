@@ -194,3 +194,54 @@ def test_report_command(finished_run, capsys):
     assert main(["report", str(finished_run)]) == 0
     assert "| iteration 0 |" in capsys.readouterr().out
     assert main(["report", str(finished_run / "iter0")]) == 2
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("machines", [1, 2])
+def test_two_processes_run_the_loop_as_one(machines, tiny_model_dir, tmp_path):
+    """`accelerate launch -m selfplay run` on 2 CPU processes, on one machine or as two
+    "machines" (two launchers, --num_machines 2, machine ranks 0 and 1, as users start a
+    multi-node job; here on one host): each process generates its slice of the prompts and
+    trains data-parallel, the main process converts, evaluates and writes the manifest, and
+    every stage waits for both. The same pairs, answers and weights as one process with the
+    same global batch."""
+    import pyarrow.parquet as pq
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--num_iterations", "1", "--optim", "adamw"]
+    assert main(run_args(tiny_model_dir, one, *args)) == 0
+    half = run_args(tiny_model_dir, two, *args)       # 2 processes x 2 pairs = 4, as one
+    half[half.index("--per_device_train_batch_size") + 1] = "2"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if machines == 1:
+        launchers = [launch + ["--num_machines", "1"]]
+    else:
+        port = str(_free_port())
+        launchers = [launch + ["--num_machines", "2", "--machine_rank", str(r),
+                               "--main_process_ip", "127.0.0.1", "--main_process_port", port]
+                     for r in range(2)]
+    procs = [subprocess.Popen(cmd + ["-m", "selfplay"] + half, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for cmd in launchers]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * machines, outs[0][-3000:]
+    assert sorted(p.name for p in (two / "iter0" / "generated").glob("*.jsonl")) == [
+        "train-frac00000-rank000-of002.jsonl", "train-frac00000-rank001-of002.jsonl"]
+    pairs = "iter0/pairs/train_prefs-00000-of-00001.parquet"
+    assert pq.read_table(one / pairs).to_pylist() == pq.read_table(two / pairs).to_pylist()
+    for ev in ("base/eval.json", "iter0/eval.json"):
+        assert json.loads((one / ev).read_text())["rows"] == \
+            json.loads((two / ev).read_text())["rows"]
+    m = json.loads((two / "manifest.json").read_text())
+    assert all(s["state"] == "done" for s in m["stages"].values()) and len(m["stages"]) == 5
+    a = load_file(one / "iter0" / "model" / "model.safetensors")
+    b = load_file(two / "iter0" / "model" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert (two / "report.md").exists()

@@ -193,9 +193,11 @@ def test_qlora_loads_4bit_and_trains(tiny_model_dir, pairs_dir, tmp_path):
     assert m.dtype == torch.float32
 
 
-def test_ddp_on_two_cpu_processes_equals_one_process(tiny_model_dir, pairs_dir, tmp_path):
-    common = ["--model", str(tiny_model_dir), "--dataset", str(pairs_dir), "--learning_rate",
-              "1e-3", "--logging_steps", "1", "--max_steps", "3", "--optim", "adamw"]
+def _one_and_two_processes(tmp_path, *options):
+    """`selfplay train` in one process at batch 4, then on 2 CPU processes at 2 each (the same
+    global batch): their logs."""
+    common = ["--learning_rate", "1e-3", "--logging_steps", "1", "--max_steps", "3",
+              "--optim", "adamw", *options]
     assert main(["train", "--output_dir", str(tmp_path / "one"),
                  "--per_device_train_batch_size", "4", *common]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -206,7 +208,12 @@ def test_ddp_on_two_cpu_processes_equals_one_process(tiny_model_dir, pairs_dir, 
                           "--per_device_train_batch_size", "2", *common],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    return _log(tmp_path / "one"), _log(tmp_path / "two")
+
+
+def test_ddp_on_two_cpu_processes_equals_one_process(tiny_model_dir, pairs_dir, tmp_path):
+    one, two = _one_and_two_processes(tmp_path, "--model", str(tiny_model_dir), "--dataset",
+                                      str(pairs_dir))
     for x, y in zip(one, two):          # metrics are averaged across processes
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
     a = load_file(tmp_path / "one" / "model.safetensors")
@@ -246,3 +253,62 @@ def test_epoch_batches_are_seeded_grouped_and_split_evenly():
     assert len(two) == len(a)
     assert all(t[:len(x)] == x for t, x in zip(two, a))   # the same batches, in the same order
     assert all(len(b) % 2 == 0 for b in two)               # the short last one padded to split
+
+
+def test_lora_gradients_under_the_4bit_base_equal_those_on_its_dequantized_weights(
+        tiny_model_dir, tokenizer):
+    """QLoRA's backward through bitsandbytes' 4-bit layers (on CPU it warns that `gemv_4bit`
+    has no autograd kernel): the LoRA gradients equal those of the same LoRA on a float model
+    holding the de-quantized weights, so the 4-bit path computes the gradient it should."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+    from selfplay.config import LoraSettings
+    from selfplay.logprobs import response_logps
+    from selfplay.models import load_for_training, wrap_lora
+    from selfplay.rendering import collate, encode
+    # no LoRA dropout: both models must draw the same computation
+    lora = LoraSettings(use_peft=True, load_in_4bit=True, lora_dropout=0.0)
+    torch.manual_seed(0)
+    q, _ = load_for_training(str(tiny_model_dir), "auto", lora, torch.device("cpu"))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    quantized = {n: m for n, m in q.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized                                       # the base really is 4-bit
+    for n, m in plain.named_modules():                     # the float copy: de-quantized weights
+        qm = quantized.get(f"base_model.model.{n}.base_layer")
+        if qm is not None:
+            w = bnb.functional.dequantize_4bit(qm.weight.data, qm.weight.quant_state)
+            m.weight.data.copy_(w.to(torch.float32))
+    f = wrap_lora(plain, LoraSettings(use_peft=True, lora_dropout=0.0))
+    adapter = {k: v for k, v in q.state_dict().items() if "lora_" in k}
+    assert not f.load_state_dict(adapter, strict=False).unexpected_keys
+    batch = collate([encode(tokenizer, [{"role": "user", "content": f"What is {i} plus {i}?"}],
+                            f"It is {2 * i}.", 64, 32) for i in range(3)],
+                    tokenizer.pad_token_id)
+    grads = []
+    for model in (q, f):
+        model.zero_grad()
+        logp, _ = response_logps(model, batch["input_ids"], batch["attention_mask"],
+                                 batch["response_mask"])
+        logp.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) >= 4
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_qlora_on_two_cpu_processes_equals_one_process(tiny_model_dir, pairs_dir, tmp_path):
+    """The seeds' two-consumer-GPU case, on CPU: QLoRA under 2-process DDP."""
+    pytest.importorskip("bitsandbytes")
+    one, two = _one_and_two_processes(
+        tmp_path, "--model", str(tiny_model_dir), "--dataset", str(pairs_dir), "--use_peft",
+        "--load_in_4bit", "--merge_adapter", "false",
+        "--lora_dropout", "0")                     # dropout draws differ with the process count
+    assert one[0]["grad_norm"] == pytest.approx(two[0]["grad_norm"], rel=1e-5)
+    assert [x["loss"] for x in one] == pytest.approx([y["loss"] for y in two], abs=1e-5)
+    assert one[-1]["loss"] < one[0]["loss"]
+    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from selfplay.errors import SelfplayError
+from selfplay.tracking import parse_report_to
 
 # Commands that read a field; `run` reads what its stages read.
 INFER = frozenset({"generate", "score", "evaluate", "sft", "train", "run"})
@@ -43,6 +44,7 @@ RUN_METHOD_DEFAULTS = {"sppo": {"output_dir": "runs/sppo", "max_prompts": 64,
 RESUMABLE_KEYS = {"force", "from_iteration", "resume", "overwrite", "device", "batch_size",
                   "output_dir",          # a run directory moved or copied resumes where it is
                   "logprob_chunk_size", "push_to_hub", "logging_steps", "save_steps",
+                  "report_to", "wandb_project",
                   # Greedy answers are the same tokens in either engine (tested); each stage's
                   # output records which one ran.
                   "engine", "tensor_parallel_size", "vllm_kv_cache_gib"}
@@ -230,6 +232,13 @@ class TrainingSettings:
     group_by_length: bool = opt(True, "Batch pairs of similar length together (seeded), so "
                                 "that less compute goes to padding.", TRAIN_CMDS)
     logging_steps: int = opt(10, "Log averaged metrics every N updates.", TRAIN_CMDS)
+    report_to: str = opt("tensorboard", "Where training metrics go besides train_log.jsonl: "
+                         "tensorboard, wandb, both (comma-separated) or none. With wandb, "
+                         "`selfplay run` also sends each model's accuracy and its report.",
+                         TRAIN_CMDS)
+    wandb_project: str = opt("selfplay", "The W&B project (--report_to wandb); a run's "
+                             "trainings and report share a W&B group named after its "
+                             "output_dir.", TRAIN_CMDS)
     save_steps: int = opt(0, "Save a resumable checkpoint every N updates (0: only the final "
                           "model).", TRAIN_CMDS)
     resume: bool = opt(False, "Continue from the last checkpoint in output_dir.",
@@ -265,6 +274,17 @@ class EvaluationSettings:
         True, "Also measure the log-likelihood of the reference answers (one more forward pass "
         "over every prompt and reference, about a third of an evaluation's time on CPU).",
         {"evaluate", "run"})
+    lm_eval_tasks: str = opt(
+        "", "lm-evaluation-harness tasks run on every evaluated model, comma-separated, by "
+        "lm-eval's names (gsm8k,ifeval,...): scores with standard errors in eval.json and the "
+        "report (pip install 'selfplay[lm-eval]').", {"evaluate", "run"})
+    lm_eval_include: str = opt("", "A directory of lm-eval task YAMLs to add (your own tasks, "
+                               "e.g. over a local file).", {"evaluate", "run"})
+    lm_eval_limit: float = opt(0.0, "Documents per lm-eval task: 0 all, below 1 a fraction, "
+                               "else a count (for quick looks: a limited score is not the "
+                               "task's score).", {"evaluate", "run"})
+    lm_eval_num_fewshot: int = opt(-1, "Few-shot examples for every lm-eval task (-1: each "
+                                   "task's own setting).", {"evaluate", "run"})
 
 
 @dataclass
@@ -442,6 +462,15 @@ class Config:
               "--sft_epochs and --sft_max_prompts must be 0 or positive, --sft_learning_rate "
               "positive.")
         _need(tr.logging_steps > 0, "--logging_steps must be positive.")
+        parse_report_to(tr.report_to)
+        ev = self.evaluation
+        _need(ev.lm_eval_limit >= 0, "--lm_eval_limit must be 0 (all), a fraction below 1 or a "
+              "count.")
+        _need(ev.lm_eval_num_fewshot >= -1, "--lm_eval_num_fewshot must be -1 (each task's own) "
+              "or a count.")
+        _need(not ev.lm_eval_include or Path(ev.lm_eval_include).is_dir(),
+              f"--lm_eval_include {ev.lm_eval_include} is not a directory (of lm-eval task "
+              "YAMLs).")
         _need(tr.save_steps >= 0, "--save_steps must be 0 (final model only) or positive.")
         _need(lo.lora_r > 0 and lo.lora_alpha > 0, "--lora_r and --lora_alpha must be positive.")
         _need(0 <= lo.lora_dropout < 1, "--lora_dropout must lie in [0, 1).")
@@ -687,10 +716,17 @@ def load_config(command: str, recipe: str | Path | None = None,
     return cfg
 
 
+# The group a command is about comes first in its help: what its user reaches for most.
+OWN_GROUP = {"run": "run", "train": "training", "sft": "training", "generate": "generation",
+             "score": "scoring", "rank": "rank", "convert": "convert",
+             "evaluate": "evaluation"}
+
+
 def format_help(command: str) -> str:
-    """The options `command` reads, under their groups' headings."""
+    """The options `command` reads, under their groups' headings, its own group first."""
     lines = []
-    for group, klass, heading in GROUPS:
+    first = OWN_GROUP.get(command)
+    for group, klass, heading in sorted(GROUPS, key=lambda g: g[0] != first):
         fields = [f for f in dataclasses.fields(klass) if command in f.metadata["commands"]]
         if not fields:
             continue

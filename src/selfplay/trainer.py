@@ -5,7 +5,7 @@ sequences), then:
   prepare     the log-prob function wrapped for DDP / DeepSpeed / FSDP, optimizer, schedule,
               the global batch plan, and the state of an interrupted run (exact resume)
   loop        per update: `ga` micro-batches through the stage's step function (forward, loss,
-              metrics), backward, clip, step; averaged metrics to JSONL and TensorBoard every
+              metrics), backward, clip, step; averaged metrics to JSONL and TensorBoard/W&B every
               logging_steps; resumable checkpoints every save_steps
   save_final  a Hugging Face checkpoint (full weights gathered once, or LoRA merged or alone)
 The step function is all that differs between the stages.
@@ -27,7 +27,6 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -37,11 +36,37 @@ from selfplay.data.shards import write_json_atomic
 from selfplay.errors import SelfplayError
 from selfplay.logprobs import ResponseLogProbs
 from selfplay.models import load_for_training, save_trained
+from selfplay.tracking import Trackers
 
 # (forward, this process's item indices) -> (loss to backpropagate, metrics, tokens);
 # forward(batch) runs the wrapped log-prob function under autocast.
 StepFn = Callable[[Callable[..., Any], list[int]],
                   tuple[torch.Tensor, dict[str, torch.Tensor], int]]
+
+
+def check_launch(state, trains: bool = False) -> None:
+    """Refuse a launch that would not do what it asks for. accelerate shards (FSDP, DeepSpeed)
+    only on accelerators: on a machine without one, a sharding config runs as plain
+    data-parallel processes (use_cpu: true) or as N processes that each think they are alone
+    (use_cpu: false), each with the whole model, all writing the same outputs. `trains`: the
+    state is the trainer's (only it knows whether sharding took effect)."""
+    import os
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and state.num_processes == 1:
+        raise SelfplayError(
+            f"launched as {world} processes, but accelerate formed no process group here "
+            f"(distributed type {state.distributed_type.name}): each would work alone and "
+            "write the same outputs; without a GPU, launch with --multi_gpu (or use_cpu: true "
+            "in the config).")
+    for env, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if trains and world > 1 and os.environ.get(env, "").lower() == "true" \
+                and state.distributed_type.name != kind:
+            import accelerate
+            raise SelfplayError(
+                f"the accelerate config asks for {kind}, but accelerate {accelerate.__version__} "
+                f"runs {state.distributed_type.name} here (it shards only on GPUs and other "
+                "accelerators), so the model would not be sharded; on CPU, launch with "
+                "recipes/accelerate/multi_gpu.yaml, which is what would run.")
 
 
 def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
@@ -51,6 +76,7 @@ def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
     accelerator = Accelerator(cpu=model.device == "cpu" or not torch.cuda.is_available(),
                               mixed_precision="bf16" if training.bf16 else "no",
                               gradient_accumulation_steps=training.gradient_accumulation_steps)
+    check_launch(accelerator.state, trains=True)
     set_seed(seed)
     out.root.mkdir(parents=True, exist_ok=True)
     lm, tok = load_for_training(model.model_name_or_path, model.dtype, lora, accelerator.device,
@@ -155,7 +181,8 @@ def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
 
 
 # Options that change nothing a checkpoint holds or the updates still to come compute.
-_NOT_RECIPE = {"resume", "logging_steps", "save_steps", "gradient_checkpointing"}
+_NOT_RECIPE = {"resume", "logging_steps", "save_steps", "gradient_checkpointing",
+               "report_to", "wandb_project"}
 
 
 def _recipe(training: TrainingSettings, lengths: list[int], seed: int,
@@ -187,7 +214,8 @@ def loop(r: Run, training: TrainingSettings, out: ModelLayout, step_fn: StepFn) 
         kept = [ln for ln in (out.log.read_text().splitlines() if out.log.exists() else [])
                 if json.loads(ln)["step"] <= step]
         out.log.write_text("".join(ln + "\n" for ln in kept))
-        tb = SummaryWriter(str(out.tensorboard), purge_step=step + 1 if step else None)
+        trackers = Trackers(training.report_to, out.tensorboard, str(out.root), r.recipe,
+                            training.wandb_project, step)
 
     def forward(batch: dict[str, torch.Tensor]):
         with acc_.autocast():
@@ -238,9 +266,7 @@ def loop(r: Run, training: TrainingSettings, out: ModelLayout, step_fn: StepFn) 
                 if main:
                     with out.log.open("a") as fh:
                         fh.write(json.dumps(rec) + "\n")
-                    for k, v in rec.items():
-                        if k != "step":
-                            tb.add_scalar(k, v, step)
+                    trackers.log({k: v for k, v in rec.items() if k != "step"}, step)
             if training.save_steps and step % training.save_steps == 0 and step < r.total:
                 _save_checkpoint(acc_, out, step, r.recipe)
             if step >= r.total:
@@ -248,7 +274,7 @@ def loop(r: Run, training: TrainingSettings, out: ModelLayout, step_fn: StepFn) 
         epoch += 1
     bar.close()
     if main:
-        tb.close()
+        trackers.close()
     return step
 
 

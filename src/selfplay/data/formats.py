@@ -293,13 +293,34 @@ def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[str, int, dict]]:
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises connection and lookup errors alike
-        where = "a cached hub dataset, and the hub cannot be reached" if not online else \
-            f"a hub dataset ({type(e).__name__})"
-        raise SelfplayError(
-            f"dataset {dataset_id!r} split {split!r} is neither a local file or directory nor "
-            f"{where}; pass a local path with --dataset.") from None
+        # Offline, datasets reads only what an earlier load_dataset prepared in its own cache,
+        # not the hub cache that `hf download --repo-type dataset` fills; that snapshot is a
+        # plain directory, which load_dataset reads with the hub's split names.
+        snapshot = None if online else _hub_snapshot(dataset_id)
+        if snapshot is None:
+            where = "a cached hub dataset, and the hub cannot be reached" if not online else \
+                f"a hub dataset ({type(e).__name__})"
+            raise SelfplayError(
+                f"dataset {dataset_id!r} split {split!r} is neither a local file or directory "
+                f"nor {where}; pass a local path with --dataset.") from None
+        try:
+            ds = datasets.load_dataset(snapshot, split=split)
+        except Exception as e:  # noqa: BLE001 - an unknown split is a ValueError, others vary
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise SelfplayError(f"dataset {dataset_id!r} is in the local Hugging Face cache "
+                                f"({snapshot}) but split {split!r} cannot be read from it: "
+                                f"{why}") from None
     for n, row in enumerate(ds, 1):
         yield f"{dataset_id}[{split}]", n, row
+
+
+def _hub_snapshot(dataset_id: str) -> str | None:
+    """The directory of a hub dataset's cached snapshot (refs/main), or None."""
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(dataset_id, repo_type="dataset", local_files_only=True)
+    except (OSError, ValueError):      # not cached, or not a valid repository id
+        return None
 
 
 def read_examples(source: str, split: str = "train", layout: str = "auto",

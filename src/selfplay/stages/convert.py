@@ -15,15 +15,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from selfplay.config import ConvertSettings
 from selfplay.data.pairs import (ConvertReport, PreferencePair, ScoreStamp, SplitReport,
                                  write_pairs)
-from selfplay.data.shards import (CONVERT_REPORT, ShardRow, find_shards, pairs_file, read_shard,
-                                  write_json_atomic)
+from selfplay.data.shards import (CONVERT_REPORT, SHARD_RE, ShardRow, find_shards, list_shards,
+                                  pairs_file, read_shard, write_json_atomic)
 from selfplay.errors import SelfplayError
 from selfplay.judges.preferences import sppo_pair
 
-SPLITS = ("train", "test")
+
+
+def pair_split(shard_split: str) -> str:
+    """The pairs file a shard split goes to: `train_sft` (UltraChat-200k's name) to train,
+    `test_sft` to test; other names keep theirs."""
+    return next((s for s in ("train", "test") if shard_split.lower().startswith(s)), shard_split)
 
 
 def _scalar_extras(extra: dict) -> dict:
@@ -80,18 +87,23 @@ def convert(settings: ConvertSettings, out_dir: Path) -> ConvertReport:
     if not shards_dir.is_dir():
         raise SelfplayError(f"shard directory {shards_dir} does not exist.")
     report = ConvertReport(str(shards_dir))
-    for split in SPLITS:
+    by_pairs: dict[str, list[str]] = {}
+    for name in sorted({SHARD_RE.match(p.name)["split"] for p in list_shards(shards_dir)}):
+        by_pairs.setdefault(pair_split(name), []).append(name)
+    for split, names in sorted(by_pairs.items(), key=lambda kv: (kv[0] != "train", kv[0])):
+        if len(names) > 1:
+            raise SelfplayError(f"{shards_dir} holds shards of splits {' and '.join(names)}, "
+                                f"which would both become {split} pairs: keep one of them.")
+        shard_split = names[0]
         # As in the official convert_data.py, --num_fracs counts train fractions; the test split
         # is generated once, whole, as fraction 0.
-        files, missing = find_shards(shards_dir, split,
+        files, missing = find_shards(shards_dir, shard_split,
                                      settings.num_fracs if split == "train" else 0)
-        if not files and not missing:
-            continue
         if missing and not settings.allow_missing_shards:
             raise SelfplayError(f"{shards_dir}: missing {'; '.join(missing)} (generate them, or "
                                 "pass --allow_missing_shards to convert what is there).")
         rows, seen, dups = [], set(), 0
-        for f in files:
+        for f in tqdm(files, desc=f"convert {shard_split}", unit="shard", mininterval=1.0):
             for row in read_shard(f):
                 # the same prompt with another reference is other data (the readers keep it)
                 if (row.prompt_id, row.reference) in seen:

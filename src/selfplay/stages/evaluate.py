@@ -21,6 +21,7 @@ from selfplay.errors import SelfplayError
 from selfplay.logprobs import score_texts
 from selfplay.models import load_tokenizer
 from selfplay.rendering import response_ids
+from selfplay.stages.harness import check_tasks, harness
 from selfplay.stats import paired_change, wilson_interval
 
 
@@ -121,6 +122,8 @@ def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: in
     examples = read_for(data, split).examples
     budget = answer_budget(load_tokenizer(model.model_name_or_path), examples, max_new_tokens,
                            evaluation.eval_max_new_tokens)
+    if evaluation.lm_eval_tasks:        # a misspelt task fails now, not after the evaluation
+        check_tasks(evaluation)
     baseline = evaluation.baseline
     if baseline.endswith(".json"):      # a saved evaluation: checked now, before any work
         baseline_rows = saved_rows(Path(baseline), [e.prompt_id for e in examples])
@@ -138,6 +141,8 @@ def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: in
         return r
 
     result = run(model.model_name_or_path, "model")
+    if evaluation.lm_eval_tasks:
+        result["lm_eval"] = harness(model, evaluation, model.inference_batch_size())
     if baseline and not baseline.endswith(".json"):
         base = run(baseline, "baseline")
         baseline_rows = base.pop("rows")

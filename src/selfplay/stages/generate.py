@@ -30,6 +30,7 @@ from selfplay.errors import SelfplayError
 from selfplay.models import load_tokenizer
 from selfplay.rendering import prompt_ids
 from selfplay.stages.score import score_rows
+from selfplay.trainer import check_launch
 
 
 def generate(model: ModelSettings, data: DataSettings, gen: GenerationSettings,
@@ -38,6 +39,7 @@ def generate(model: ModelSettings, data: DataSettings, gen: GenerationSettings,
     """Generate (and with gen.score, score) this process's shard; returns its path."""
     # cpu=True lets accelerate form a gloo process group when there is no GPU.
     state = PartialState(cpu=model.device == "cpu" or not torch.cuda.is_available())
+    check_launch(state)
     examples = read_for(data).examples
     start, end = fraction(len(examples), gen.data_frac, gen.frac_len)
     if start >= len(examples):

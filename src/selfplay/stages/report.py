@@ -77,7 +77,7 @@ def accuracy_cell(e: dict) -> str:
 
 def change_cell(p: dict | None) -> str:
     """`+3.5 pts (27↑ 16↓, p = 0.13)`: a paired change on the same prompts, sign test."""
-    if not p:
+    if not p or not p.get("n"):     # no prompt checkable (a dataset without answers): no test
         return "–"
     return f"{100 * p['delta']:+.1f} pts ({p['gained']}↑ {p['lost']}↓, p = {p['p_value']:.2g})"
 
@@ -114,6 +114,8 @@ def start_to_last(models: list[ModelRow]) -> str:
         if "rows" not in first.eval or "rows" not in last.eval:
             continue
         p = vars(paired_change(correct(last), correct(first)))
+        if not p["n"]:              # nothing checkable: a "+0.0 pts" line would claim a test
+            continue
         lines.append(f"From {first.name} to {last.name}: {change_cell(p)} on the same "
                      f"{p['n']} prompts.")
     return "\n\n".join(lines)
@@ -153,15 +155,45 @@ def pairs_table(models: list[ModelRow]) -> str:
     return "\n".join(lines)
 
 
+def lm_eval_scores(models: list[ModelRow]) -> list[tuple[str, str]]:
+    """(task, metric) of every lm-eval score in the run, stderr columns aside."""
+    return sorted({(t, k) for m in models for t, ms in (m.eval.get("lm_eval") or {})
+                   .get("tasks", {}).items() for k in ms if "_stderr" not in k})
+
+
+def _lm_eval_value(m: ModelRow, task: str, metric: str) -> tuple[float | None, float | None]:
+    ms = (m.eval.get("lm_eval") or {}).get("tasks", {}).get(task, {})
+    return ms.get(metric), ms.get(metric.replace(",", "_stderr,", 1) if "," in metric
+                                  else f"{metric}_stderr")
+
+
+def lm_eval_table(models: list[ModelRow]) -> str:
+    """Each model's lm-eval scores, ± their standard errors."""
+    cols = lm_eval_scores(models)
+    if not cols:
+        return ""
+    lines = ["| model | " + " | ".join(f"{t} {k}" for t, k in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for m in models:
+        cells = []
+        for t, k in cols:
+            v, se = _lm_eval_value(m, t, k)
+            cells.append("–" if v is None else f"{v:.4f}" + (f" ± {se:.4f}" if se else ""))
+        lines.append(f"| {m.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plots(models: list[ModelRow], out: Path, method: str = "spin") -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     fig, ax = plt.subplots(figsize=(6, 3.6))
     xs = list(range(len(models)))
-    acc, lo, hi = accuracy_band(models)
-    ax.errorbar(xs, acc, yerr=[[max(0.0, a - x) for a, x in zip(acc, lo)],
-                               [max(0.0, x - a) for a, x in zip(acc, hi)]],
-                fmt="o-", capsize=3, label="task accuracy (held-out), 95% CI")
+    checked = any(m.eval.get("accuracy") is not None for m in models)
+    if checked:
+        acc, lo, hi = accuracy_band(models)
+        ax.errorbar(xs, acc, yerr=[[max(0.0, a - x) for a, x in zip(acc, lo)],
+                                   [max(0.0, x - a) for a, x in zip(acc, hi)]],
+                    fmt="o-", capsize=3, label="task accuracy (held-out), 95% CI")
     wr = [(i, 100 * m.eval["win_rate"]) for i, m in enumerate(models)
           if m.eval.get("win_rate") is not None]
     if wr:
@@ -171,10 +203,23 @@ def plots(models: list[ModelRow], out: Path, method: str = "spin") -> list[Path]
     if jw:
         ax.plot([i for i, _ in jw], [w for _, w in jw], "^:", label="judge's win rate vs previous")
     ax.set_xticks(xs, [m.name for m in models])
-    ax.set_ylabel("%")
     ax.set_title("Accuracy and win rate per iteration")
+    ll = [(i, m.eval["reference_logp_per_token"]) for i, m in enumerate(models)
+          if m.eval.get("reference_logp_per_token") is not None]
+    if not checked and ll:  # no checker (UltraChat): an accuracy line would read 0%; plot what
+        ll_ax = ax.twinx() if (wr or jw) else ax                       # was measured instead
+        ll_ax.plot([i for i, _ in ll], [v for _, v in ll], "o-", color="C3",
+                   label="reference log-lik/token (held-out)")
+        ll_ax.set_ylabel("nats per token")
+        ax.set_title("Reference likelihood" + (" and win rate" if wr or jw else "")
+                     + " per iteration")
+        if ll_ax is not ax:
+            ll_ax.legend(loc="lower right")
+    if checked or wr or jw:
+        ax.set_ylabel("%")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:     # nothing measured at all draws no legend
+        ax.legend()
     fig.tight_layout()
     paths.append(out / "iterations.png")
     fig.savefig(paths[-1], dpi=120)
@@ -201,6 +246,24 @@ def plots(models: list[ModelRow], out: Path, method: str = "spin") -> list[Path]
         axes[0].legend()
         fig.tight_layout()
         paths.append(out / "training.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
+    cols = lm_eval_scores(models)
+    if cols:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for t, k in cols:
+            pts = [(i, *_lm_eval_value(m, t, k)) for i, m in enumerate(models)]
+            pts = [(i, v, se or 0.0) for i, v, se in pts if v is not None]
+            ax.errorbar([i for i, _, _ in pts], [v for _, v, _ in pts],
+                        yerr=[1.96 * se for _, _, se in pts], fmt="o-", capsize=3,
+                        label=f"{t} {k}")
+        ax.set_xticks(xs, [m.name for m in models])
+        ax.set_title("lm-evaluation-harness per model (95% CI from its standard error)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / "lm_eval.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
@@ -235,7 +298,13 @@ def write_report(run_dir: str | Path) -> str:
     pt = pairs_table(models)
     if pt:
         body += ["## Training pairs per iteration", "", pt, ""]
-    body += ["## Accuracy per task family", "", family_table(models), ""]
+    ft = family_table(models)
+    if ft:                          # none without a checker (UltraChat): no empty section
+        body += ["## Accuracy per task family", "", ft, ""]
+    lt = lm_eval_table(models)
+    if lt:
+        body += ["## lm-evaluation-harness", "", "Each model's scores (± standard error) on "
+                 "the tasks of `--lm_eval_tasks`, as lm-eval computes them.", "", lt, ""]
     body += [f"![{p.stem}](plots/{p.name})" for p in pngs]
     stages = manifest.get("stages", {})
     if stages:

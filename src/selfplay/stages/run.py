@@ -49,9 +49,11 @@ from selfplay.stages.convert import convert
 from selfplay.stages.evaluate import evaluate_models
 from selfplay.stages.generate import generate
 from selfplay.stages.rank import rank
-from selfplay.stages.report import write_report
+from selfplay.stages.report import load_models, write_report
 from selfplay.stages.sft import sft as run_sft
 from selfplay.stages.train import train
+from selfplay.tracking import parse_report_to, report_run
+from selfplay.trainer import check_launch
 
 
 def _sha256(paths: list[Path], root: Path) -> dict[str, str]:
@@ -79,12 +81,60 @@ def _fault(key: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Processes:
+    """The processes of a run under `accelerate launch` (one without it). Generation and
+    training use every process (each its own slice of the prompts; data-parallel training);
+    everything else runs on the main process while the others wait, and its failure is
+    raised on every process, so that none waits forever at the next stage."""
+
+    def __init__(self, cfg: Config):
+        import torch
+        from accelerate import PartialState
+        # cpu=True lets accelerate form a gloo process group when there is no GPU.
+        self.state = PartialState(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
+        check_launch(self.state)
+        self.main = self.state.is_main_process
+
+    def wait(self) -> None:
+        self.state.wait_for_everyone()
+
+    def agree(self, decision: bool) -> bool:
+        """The main process's decision, on every process (they read files that the main
+        process may be rewriting)."""
+        if self.state.num_processes == 1:
+            return decision
+        from accelerate.utils import broadcast_object_list
+        return broadcast_object_list([decision])[0]
+
+    def on_main(self, work) -> None:
+        """work() on the main process; every process returns (or raises) when it has."""
+        from accelerate.utils import broadcast_object_list
+        failed = [None]
+        if self.main:
+            try:
+                work()
+            except SelfplayError as e:
+                failed = [str(e)]
+            except BaseException as e:
+                if self.state.num_processes == 1:
+                    raise
+                failed = [f"the main process failed: {type(e).__name__}: {e}"]
+                print(f"[main process] {type(e).__name__}: {e}", file=sys.stderr)
+        if self.state.num_processes > 1:
+            broadcast_object_list(failed)            # also the barrier
+        if failed[0]:
+            raise SelfplayError(failed[0])
+
+
 class Manifest:
-    def __init__(self, layout: RunLayout, cfg: Config):
-        self.path, self.root = layout.manifest, layout.root
+    def __init__(self, layout: RunLayout, cfg: Config, procs: Processes):
+        self.path, self.root, self.procs = layout.manifest, layout.root, procs
         recipe = {k: v for k, v in cfg.flat().items() if k not in RESUMABLE_KEYS}
-        if self.path.exists():
+        exists = self.path.exists()
+        if exists:
             self.data = json.loads(self.path.read_text())
+        procs.wait()              # every process has read it before the main one rewrites it
+        if exists:
             self._relative_checksums(self.data["recipe"].get("output_dir"))
             # a key made resumable since the run began is no difference either
             old = {k: v for k, v in self.data["recipe"].items() if k not in RESUMABLE_KEYS}
@@ -106,7 +156,8 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        write_json_atomic(self.path, self.data)
+        if self.procs.main:       # the others keep the same record in memory
+            write_json_atomic(self.path, self.data)
 
     def _relative_checksums(self, old_root: str | None) -> None:
         """Manifests written before checksums were keyed inside the run directory keyed them
@@ -134,22 +185,29 @@ class Manifest:
         """Whether a forced recipe change makes `key` redo its work from scratch."""
         return key in self.data.get("redo", [])
 
-    def stage(self, key: str, outputs: list[Path], work, *, order: list[str]) -> bool:
-        """Run `work` unless the stage is done with intact outputs; True if it ran."""
+    def stage(self, key: str, outputs: list[Path], work, *, order: list[str],
+              everyone: bool = False) -> bool:
+        """Run `work` unless the stage is done with intact outputs; True if it ran. With
+        `everyone`, every process runs it (generation, training); else the main process."""
         rec = self.data["stages"].get(key)
         forced = self.redoing(key)
-        if rec and rec["state"] == "done" and not forced and \
-                _sha256(outputs, self.root) == rec["checksums"]:
-            print(f"[{key}] done; skipped", file=sys.stderr)
+        say = print if self.procs.main else (lambda *a, **k: None)
+        if self.procs.agree(rec is not None and rec["state"] == "done" and not forced
+                            and _sha256(outputs, self.root) == rec["checksums"]):
+            say(f"[{key}] done; skipped", file=sys.stderr)
             return False
-        print(f"[{key}] {'redo (forced recipe change)' if forced else 'redo' if rec else 'start'}",
-              file=sys.stderr)
+        say(f"[{key}] {'redo (forced recipe change)' if forced else 'redo' if rec else 'start'}",
+            file=sys.stderr)
         self.data["stages"][key] = {"state": "running", "started": time.time()}
         self.save()
         if forced:     # what the old recipe wrote must not be resumed or reused as complete
-            _remove(outputs)
+            self.procs.on_main(lambda: _remove(outputs))
         t = time.perf_counter()
-        work()
+        if everyone:
+            work()
+            self.procs.wait()
+        else:
+            self.procs.on_main(work)
         _fault(key)
         sums = _sha256(outputs, self.root)
         if rec and rec.get("checksums") and rec["checksums"] != sums:
@@ -170,7 +228,8 @@ class Manifest:
             after = [s for s in after if _kind(s) == "evaluate"]
         for later in after:
             rec = self.data["stages"].pop(later, None)
-            _remove([self.root / p for p in (rec or {}).get("checksums", {})])
+            if self.procs.main:
+                _remove([self.root / p for p in (rec or {}).get("checksums", {})])
 
 
 def _remove(paths: list[Path]) -> None:
@@ -275,7 +334,11 @@ def run(cfg: Config) -> Path:
     """All iterations of cfg; returns the run directory."""
     layout = RunLayout(Path(cfg.job.output_dir))
     layout.root.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(layout, cfg)
+    procs = Processes(cfg)
+    manifest = Manifest(layout, cfg, procs)
+    wandb = "wandb" in parse_report_to(cfg.training.report_to)
+    if wandb:     # the run's trainings and its report side by side in W&B
+        os.environ.setdefault("WANDB_RUN_GROUP", layout.root.resolve().name)
     order = stage_order(cfg)
     sft = cfg.model.model_name_or_path
 
@@ -291,18 +354,19 @@ def run(cfg: Config) -> Path:
         s = layout.sft
         manifest.stage("sft/train", [_weights(cfg, s), s.model.complete], lambda: run_sft(
             replace(cfg.model, model_name_or_path=sft),
-            replace(cfg.data, split="train", max_prompts=cfg.run.sft_max_prompts,
+            replace(cfg.data, max_prompts=cfg.run.sft_max_prompts,
                     skip_prompts=0), cfg.scoring,
             cfg.sft_training(cfg.run.sft_epochs), cfg.lora, s.model.root, seed=cfg.job.seed,
-            overwrite=manifest.redoing("sft/train")), order=order)
+            overwrite=manifest.redoing("sft/train")), order=order, everyone=True)
         _evaluate_stage(manifest, order, "sft/evaluate", cfg, s, None, layout.base_eval)
         theta = sft = str(s.model.root)
         prev_eval = s.eval
-    judge = make_judge(cfg.rank) if cfg.run.method == "sppo" else None
+    # the judge ranks and evaluates, which the main process does
+    judge = make_judge(cfg.rank) if cfg.run.method == "sppo" and procs.main else None
     for t in range(cfg.run.from_iteration, cfg.run.num_iterations):
         c = cfg.for_iteration(t)
         it = layout.iteration(t)
-        train_data = replace(c.data, split="train")
+        train_data = c.data           # the recipe's split: UltraChat-200k's is train_sft
         if c.run.fresh_prompts:
             train_data = replace(train_data,
                                  skip_prompts=c.data.skip_prompts + t * c.data.max_prompts)
@@ -319,7 +383,7 @@ def run(cfg: Config) -> Path:
                                training, c.lora, it.model.root, seed=c.job.seed,
                                repeat=2 if twice else 1,
                                overwrite=manifest.redoing(f"iter{t}/sft")),
-                           order=order)
+                           order=order, everyone=True)
             _evaluate_stage(manifest, order, f"iter{t}/evaluate", c, it, None, prev_eval)
             theta, prev_eval = str(it.model.root), it.eval
             continue
@@ -329,7 +393,7 @@ def run(cfg: Config) -> Path:
         gen = replace(c.generation, data_frac=0, frac_len=0, score=c.run.method != "sppo")
         manifest.stage(f"iter{t}/generate", [it.generated], lambda: generate(
             replace(c.model, model_name_or_path=theta), train_data, gen, c.scoring,
-            it.generated, seed=c.job.seed), order=order)
+            it.generated, seed=c.job.seed), order=order, everyone=True)
         shards = it.generated
         if c.run.method == "sppo":
             shards = it.ranked
@@ -344,14 +408,23 @@ def run(cfg: Config) -> Path:
         start = theta if c.run.start_from == "previous" else sft
         manifest.stage(f"iter{t}/train", [_weights(c, it), it.model.complete], lambda: train(
             replace(c.model, model_name_or_path=start),
-            replace(train_data, max_prompts=0, skip_prompts=0),
+            replace(train_data, split="train", max_prompts=0, skip_prompts=0),  # train_prefs
             sources, c.scoring, replace(c.training, reference_model=theta, resume=True),
             c.lora, it.model.root, seed=c.job.seed,
-            overwrite=manifest.redoing(f"iter{t}/train")), order=order)
+            overwrite=manifest.redoing(f"iter{t}/train")), order=order, everyone=True)
         _evaluate_stage(manifest, order, f"iter{t}/evaluate", c, it, judge, prev_eval)
         theta, prev_eval = str(it.model.root), it.eval
+    if not procs.main:
+        return layout.root
     table = write_report(layout.root)
     print(table)
+    if wandb:
+        report_run(layout.root, cfg.training.wandb_project, [
+            (m.name, {"accuracy": m.eval.get("accuracy"),
+                      "accuracy_low": (m.eval.get("accuracy_ci95") or [None])[0],
+                      "accuracy_high": (m.eval.get("accuracy_ci95") or [None, None])[1],
+                      "win_rate": m.eval.get("win_rate")}) for m in load_models(layout)],
+            json.loads(layout.manifest.read_text())["recipe"])
     if cfg.run.push_to_hub:
         push(Path(theta), cfg.run.push_to_hub)
     return layout.root
