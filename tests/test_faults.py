@@ -426,7 +426,7 @@ def test_a_command_killed_anywhere_reruns_to_the_same_outputs(command, tiny_mode
         "rank": (["rank", "--input_dir", str(shards), "--judge", "stand_in_judges:slow_by_length"],
                  "rank train-frac"),
         "convert": (["convert", "--input_dir", str(shards)], "convert train"),
-        "evaluate": (["evaluate", "--model", str(tiny_model_dir), "--tasks_test_size", "160",
+        "evaluate": (["evaluate", "--model", str(tiny_model_dir), "--tasks_test_size", "96",
                       "--eval_max_new_tokens", "24", "--batch_size", "8"], "evaluate model"),
     }[command]
     inputs = _tree(shards)

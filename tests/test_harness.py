@@ -55,7 +55,8 @@ def our_logliks(model_dir, tokenizer, doc):
     return out
 
 
-@pytest.mark.parametrize("which", ["tiny", pytest.param("default", marks=pytest.mark.real_model)])
+@pytest.mark.parametrize("which", [
+    "tiny", pytest.param("default", marks=[pytest.mark.real_model, pytest.mark.slow])])
 def test_evaluate_runs_an_lm_eval_task(which, tiny_model_dir, tokenizer, task_dir, tmp_path):
     from selfplay.models import resolve
     model_dir = tiny_model_dir if which == "tiny" else resolve("default").location

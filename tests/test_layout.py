@@ -4,11 +4,11 @@ project module imported inside a function (except the CLI's lazy command dispatc
 The floors, from the ground up (docs/architecture.md draws the same):
   0  errors
   1  kernels and records: rendering, logprobs, losses, stats, config, data/*,
-     judges/preferences
+     judges/preferences, tracking
   2  model building and engines: models, engines/*
   3  judges, the training loop (trainer)
-  4  stages that do one thing: generate, score, rank, convert, sft, train, evaluate, report,
-     compare
+  4  stages that do one thing: generate, score, rank, convert, sft, train, evaluate (and its
+     lm-eval part, harness), report, compare
   5  the loop: stages/run
   6  the command line: cli, __main__
 """
@@ -25,6 +25,7 @@ FLOORS = {
     "selfplay.errors": 0, "selfplay.hub": 0,
     "selfplay.rendering": 1, "selfplay.logprobs": 1, "selfplay.losses": 1, "selfplay.config": 1,
     "selfplay.data": 1, "selfplay.judges.preferences": 1, "selfplay.stats": 1,
+    "selfplay.tracking": 1,
     "selfplay.models": 2, "selfplay.engines": 2,
     "selfplay.judges": 3, "selfplay.trainer": 3,
     "selfplay.stages": 4,

@@ -312,3 +312,33 @@ def test_qlora_on_two_cpu_processes_equals_one_process(tiny_model_dir, pairs_dir
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", ["fsdp.yaml", "zero3.yaml"])
+def test_a_sharding_config_that_would_not_shard_is_refused(config, tiny_model_dir, pairs_dir,
+                                                           tmp_path):
+    """accelerate shards only on accelerators: on CPU an FSDP or ZeRO-3 config would run as
+    plain data-parallel processes (use_cpu: true), each with the whole model. Refused, in one
+    sentence, before any training; shown here on the shipped configs made to run on CPU."""
+    import yaml
+    if config == "zero3.yaml":
+        pytest.importorskip("deepspeed")          # accelerate's launcher needs it installed
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "accelerate" / config)
+                         .read_text())
+    cfg.update(num_processes=2, use_cpu=True, mixed_precision="no")
+    (tmp_path / config).write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(tmp_path / config), "-m", "selfplay", "train", "--model",
+                          str(tiny_model_dir), "--dataset", str(pairs_dir), "--output_dir",
+                          str(tmp_path / "out"), "--max_steps", "1"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0
+    if config == "fsdp.yaml":          # FSDP v1 settings: accelerate's plugin wants a device
+        assert ("the accelerate config asks for FSDP, but accelerate" in res.stderr and
+                "cannot shard here (There are currently no available devices" in res.stderr)
+    else:
+        assert ("the accelerate config asks for DEEPSPEED, but accelerate" in res.stderr and
+                "runs MULTI_CPU here (it shards only on GPUs and other accelerators)"
+                in res.stderr)
+    assert not (tmp_path / "out" / "model.safetensors").exists()

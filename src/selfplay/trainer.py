@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -73,9 +74,23 @@ def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
           out: ModelLayout, seed: int):
     """(accelerator, trainable model, tokenizer): devices and process group, the seed, the
     model built for training (full, LoRA, QLoRA)."""
-    accelerator = Accelerator(cpu=model.device == "cpu" or not torch.cuda.is_available(),
-                              mixed_precision="bf16" if training.bf16 else "no",
-                              gradient_accumulation_steps=training.gradient_accumulation_steps)
+    # A training's precision and plugins are its own: in one process (the stages of `selfplay
+    # run`, a notebook, the tests) the last training's state would refuse another mixed
+    # precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    try:
+        accelerator = Accelerator(
+            cpu=model.device == "cpu" or not torch.cuda.is_available(),
+            mixed_precision="bf16" if training.bf16 else "no",
+            gradient_accumulation_steps=training.gradient_accumulation_steps)
+    except RuntimeError as e:   # an FSDP (v1) config on a machine without an accelerator
+        if "no available devices" not in str(e):
+            raise
+        import accelerate
+        raise SelfplayError(
+            f"the accelerate config asks for FSDP, but accelerate {accelerate.__version__} "
+            f"cannot shard here ({e}); on CPU, launch with recipes/accelerate/multi_gpu.yaml "
+            "(data parallel).") from None
     check_launch(accelerator.state, trains=True)
     set_seed(seed)
     out.root.mkdir(parents=True, exist_ok=True)

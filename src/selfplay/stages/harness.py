@@ -21,6 +21,7 @@ from typing import Any
 
 from selfplay.config import EvaluationSettings, ModelSettings
 from selfplay.errors import SelfplayError
+from selfplay.models import load_model
 
 
 def task_names(spec: str) -> list[str]:
@@ -93,8 +94,6 @@ def harness(model: ModelSettings, evaluation: EvaluationSettings, batch_size: in
     tasks, manager = check_tasks(evaluation)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-
-    from selfplay.models import load_model
 
     lm, tok = load_model(model.model_name_or_path, model.device, model.dtype)
     wrapped = HFLM(pretrained=lm, tokenizer=tok, batch_size=batch_size, device=str(lm.device))

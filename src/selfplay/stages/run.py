@@ -34,6 +34,7 @@ import signal
 import sys
 import time
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -90,8 +91,11 @@ class Processes:
     def __init__(self, cfg: Config):
         import torch
         from accelerate import PartialState
-        # cpu=True lets accelerate form a gloo process group when there is no GPU.
-        self.state = PartialState(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
+        # cpu=True lets accelerate form a gloo process group when there is no GPU. The others
+        # wait while the main process evaluates or ranks, which can take far longer than the
+        # collectives' default timeout (10 minutes on NCCL, 30 on gloo).
+        self.state = PartialState(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available(),
+                                  timeout=timedelta(hours=12))
         check_launch(self.state)
         self.main = self.state.is_main_process
 
