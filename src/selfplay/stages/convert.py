@@ -26,7 +26,6 @@ from selfplay.errors import SelfplayError
 from selfplay.judges.preferences import sppo_pair
 
 
-
 def pair_split(shard_split: str) -> str:
     """The pairs file a shard split goes to: `train_sft` (UltraChat-200k's name) to train,
     `test_sft` to test; other names keep theirs."""
