@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import accelerate
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -51,7 +53,6 @@ def check_launch(state, trains: bool = False) -> None:
     data-parallel processes (use_cpu: true) or as N processes that each think they are alone
     (use_cpu: false), each with the whole model, all writing the same outputs. `trains`: the
     state is the trainer's (only it knows whether sharding took effect)."""
-    import os
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and state.num_processes == 1:
         raise SelfplayError(
@@ -62,7 +63,6 @@ def check_launch(state, trains: bool = False) -> None:
     for env, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
         if trains and world > 1 and os.environ.get(env, "").lower() == "true" \
                 and state.distributed_type.name != kind:
-            import accelerate
             raise SelfplayError(
                 f"the accelerate config asks for {kind}, but accelerate {accelerate.__version__} "
                 f"runs {state.distributed_type.name} here (it shards only on GPUs and other "
@@ -86,7 +86,6 @@ def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
     except RuntimeError as e:   # an FSDP (v1) config on a machine without an accelerator
         if "no available devices" not in str(e):
             raise
-        import accelerate
         raise SelfplayError(
             f"the accelerate config asks for FSDP, but accelerate {accelerate.__version__} "
             f"cannot shard here ({e}); on CPU, launch with recipes/accelerate/multi_gpu.yaml "
