@@ -171,10 +171,16 @@ def reference_logps(model, pairs: list[TrainPair], pad_id: int, accelerator, out
                     training: TrainingSettings, load_in_4bit: bool) -> None:
     """Fill every pair's reference log-probs: from the cache, the pairs, or computed once."""
     fp = _fingerprint(reference, load_in_4bit, pairs)
-    if out.reference_cache.exists():
-        data = json.loads(out.reference_cache.read_text())
-        if data["fingerprint"] == fp:
-            for p, w, l in zip(pairs, data["chosen"], data["rejected"]):
+    # Every process reads the cache between two barriers, before the main one may write it, so
+    # all take the same path: one that found the cache the main process had just written, and
+    # returned, left the others waiting forever at the barrier below (seen with two launchers).
+    accelerator.wait_for_everyone()
+    cached = json.loads(out.reference_cache.read_text()) if out.reference_cache.exists() \
+        else None
+    accelerator.wait_for_everyone()
+    if cached is not None:
+        if cached["fingerprint"] == fp:
+            for p, w, l in zip(pairs, cached["chosen"], cached["rejected"]):
                 p.ref_chosen, p.ref_rejected = w, l
             return
     elif training.resume and any(p.ref_chosen is None for p in pairs) and \
