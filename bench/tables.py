@@ -44,8 +44,45 @@ def training(d: dict) -> str:
     return "\n".join(lines)
 
 
+def precision(d: dict) -> str:
+    best = {p: v[0] | {k: min(r[k] for r in v) for k in ("train_loop_s", "decode_s")}
+            for p, v in d["runs"].items()}
+    f, b = best["float32"], best["bf16"]
+    tok_s = {p: x["decode_tokens"] / x["decode_s"] for p, x in best.items()}
+    return "\n".join([
+        f"{d['pairs']} pairs (batch 8, one epoch), {d['prompts']} prompts decoded greedily; best "
+        f"of {d['repeats']} runs each.", "",
+        "| precision | train loop seconds | decode tokens/s |", "|---|---|---|",
+        f"| float32 | {f['train_loop_s']:.1f} | {tok_s['float32']:.1f} |",
+        f"| bf16 (autocast) | {b['train_loop_s']:.1f} | {tok_s['bf16']:.1f} |",
+        f"| bf16 / float32 | {f['train_loop_s'] / b['train_loop_s']:.2f}x faster "
+        f"| {tok_s['bf16'] / tok_s['float32']:.2f}x |", "",
+        f"Greedy answers bf16 leaves unchanged: {d['same_answers']} of {d['prompts']}."])
+
+
+def pairrm(d: dict) -> str:
+    lines = [f"{d['prompts']} prompts x K = {d['k']}: {d['comparisons']} ordered comparisons of "
+             f"{d['tokens_per_comparison']:.0f} tokens on average (samples of "
+             f"{d['sample_tokens']:.0f} tokens); {d['threads']} threads.", "",
+             "| dtype | seconds | comparisons/s | tokens/s |", "|---|---|---|---|"]
+    for name, r in d["results"].items():
+        lines.append(f"| {name} | {r['seconds']:.1f} | {r['pairs_per_s']:.2f} "
+                     f"| {r['tokens_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def table(d: dict) -> str | None:
+    if d.get("bench") == "precision":
+        return precision(d)
+    if d.get("bench") == "pairrm":
+        return pairrm(d)
+    if "args" not in d:
+        return None          # bench_scale, bench_vllm_scoring: docs quote their own output
+    return generation(d) if "device" in d and "prompts" in d["args"] else training(d)
+
+
 if __name__ == "__main__":
     for path in sys.argv[1:]:
-        d = json.load(open(path))
-        print(generation(d) if "device" in d and "prompts" in d["args"] else training(d))
+        t = table(json.load(open(path)))
+        print(f"{path}: no table (its bench script prints its own)" if t is None else t)
         print()

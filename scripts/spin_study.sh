@@ -32,8 +32,18 @@ variant() {  # variant NAME PAIRS [train options]: one SPIN iteration, judged on
   local name=$1 data=$2; shift 2
   $SP train --model "$SFT" --dataset "$OUT/pairs-$data" --optim adamw "$@" \
     --output_dir "$OUT/$name"
-  $SP evaluate --model "$OUT/$name" --split validation --baseline "$OUT/sft-val/eval.json" \
+  $SP evaluate --model "$OUT/$name" --split validation --baseline "$SFT-val/eval.json" \
     --output_dir "$OUT/$name-val"
+}
+
+sft_epochs() {  # a θ_0 made by 2 SFT epochs instead of 1, then the chosen recipe's iteration
+  SFT=$OUT/sft-e2
+  $SP sft --max_prompts 1000 --per_device_train_batch_size 8 --num_train_epochs 2 \
+    --output_dir "$SFT"
+  $SP evaluate --model "$SFT" --split validation --baseline "$OUT/sft-val/eval.json" \
+    --output_dir "$SFT-val"
+  pairs greedy-e2
+  variant e2-b5-lr2e-6 greedy-e2 --beta 5 --learning_rate 2e-6 --num_train_epochs 2
 }
 
 valrun() {  # valrun NAME [run options]: 3 SPIN iterations from θ_0, judged on validation
@@ -53,6 +63,8 @@ main_run() {  # the default run (the README's main job), then the SFT control ar
 VARIANTS=(
   "b5-lr2e-6   greedy --beta 5 --learning_rate 2e-6 --num_train_epochs 2"
   "b5-lr1e-5   greedy --beta 5 --learning_rate 1e-5 --num_train_epochs 2"
+  "b1-lr2e-6   greedy --beta 1 --learning_rate 2e-6 --num_train_epochs 2"
+  "hinge-b5-lr2e-6 greedy --loss_type hinge --beta 5 --learning_rate 2e-6 --num_train_epochs 2"
 )
 
 # name, run options: 3-iteration runs from θ_0 that the study page reports, on validation
@@ -78,10 +90,12 @@ case $step in
   pairs) pairs greedy ;;
   variant) pick variant "$2" "${VARIANTS[@]}" ;;      # variant NAME: one of VARIANTS
   variants) for v in "${VARIANTS[@]}"; do read -r -a a <<< "$v"; variant "${a[@]}"; done ;;
+  sft-epochs) sft_epochs ;;
   run) pick valrun "$2" "${RUNS[@]}" ;;                # run NAME: one of RUNS
   runs) for v in "${RUNS[@]}"; do read -r -a a <<< "$v"; valrun "${a[@]}"; done ;;
   main) main_run ;;
-  all) "$0" sft; "$0" pairs; "$0" variants; "$0" runs; "$0" main ;;
-  *) echo "unknown step $step: sft, pairs, variant NAME, variants, run NAME, runs, main or all" >&2
+  all) "$0" sft; "$0" pairs; "$0" variants; "$0" sft-epochs; "$0" runs; "$0" main ;;
+  *) echo "unknown step $step: sft, pairs, variant NAME, variants, sft-epochs, run NAME, runs," \
+       "main or all" >&2
      exit 2 ;;
 esac

@@ -14,7 +14,7 @@ from selfplay.cli import main
 from selfplay.data.formats import prompt_hash
 from selfplay.data.shards import fraction, process_slice, read_jsonl
 from selfplay.engines.hf import SamplingSettings, generate
-from selfplay.logprobs import response_logps
+from selfplay.logprobs import response_logps, score_texts
 from selfplay.rendering import collate, encode
 
 ROWS = [{"prompt_id": f"p{i}", "messages": [
@@ -138,6 +138,26 @@ def test_scored_logps_match_a_fresh_computation(tiny_model_dir, tiny_model, toke
     assert rows[0]["score_settings"] == {"model": str(tiny_model_dir), "max_length": 40,
                                          "max_prompt_length": 24,
                                          "fingerprint": fingerprint(str(tiny_model_dir))}
+
+
+def test_bf16_generates_and_scores_under_autocast(tiny_model_dir, tiny_model, tokenizer,
+                                                  dataset, tmp_path):
+    """--bf16: our decoder and the scoring run under bfloat16 autocast (the trainer's), the
+    shard says so, and the log-probs are not the float32 ones."""
+    out = tmp_path / "gen"
+    assert _gen(tiny_model_dir, dataset, out, "--score", "--bf16", "true") == 0
+    rows = read_jsonl(out / "train-frac00000-rank000-of001.jsonl")
+    assert rows[0]["settings"]["bf16"] is True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = generate(tiny_model, tokenizer, [r["prompt"] for r in rows],
+                        SamplingSettings(max_new_tokens=8, batch_size=4))
+    assert [r["responses"][0] for r in rows] == [g.text for g in want]
+    items = [(r["prompt"], [r["reference"]] + r["responses"]) for r in rows]
+    stored = [[r["ref_logp_reference"]] + r["ref_logp_responses"] for r in rows]
+    bf16 = [lp for lp, _ in score_texts(tiny_model, tokenizer, items, 1024, 512, 4, bf16=True)]
+    fp32 = [lp for lp, _ in score_texts(tiny_model, tokenizer, items, 1024, 512, 4)]
+    assert stored == bf16
+    assert max(abs(a - b) for x, y in zip(stored, fp32) for a, b in zip(x, y)) > 1e-3
 
 
 def test_score_command_on_published_pairs(tiny_model_dir, tmp_path, capsys):

@@ -75,8 +75,10 @@ def test_training_raises_margins_and_saves_a_loadable_checkpoint(tiny_model_dir,
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
 
 
-def test_stored_reference_equals_computed(tiny_model_dir, tmp_path):
-    """Pairs scored at generation time and pairs without scores train identically."""
+@pytest.mark.parametrize("precision", [[], ["--bf16", "true"]], ids=["float32", "bf16"])
+def test_stored_reference_equals_computed(tiny_model_dir, tmp_path, precision):
+    """Pairs scored at generation time and pairs without scores train identically; under
+    --bf16, scoring runs in the autocast training runs in."""
     from selfplay.data.shards import shard_name, write_jsonl_atomic
     gen = tmp_path / "gen"
     gen.mkdir()
@@ -85,14 +87,14 @@ def test_stored_reference_equals_computed(tiny_model_dir, tmp_path):
              "response_tokens": [1], "finish_reasons": ["eos"], "extra": {}} for r in _pairs(8)]
     write_jsonl_atomic(gen / shard_name("train", 0, 0, 1), rows)
     assert main(["score", "--model", str(tiny_model_dir), "--dataset", str(gen),
-                 "--output_dir", str(tmp_path / "scored")]) == 0
+                 "--output_dir", str(tmp_path / "scored"), *precision]) == 0
     assert main(["convert", "--input_dir", str(tmp_path / "scored"), "--output_dir",
                  str(tmp_path / "pairs_scored")]) == 0
     assert main(["convert", "--input_dir", str(gen), "--output_dir",
                  str(tmp_path / "pairs_plain")]) == 0
     for name in ("scored", "plain"):
         assert _train(tiny_model_dir, tmp_path / f"pairs_{name}", tmp_path / f"out_{name}",
-                      "--max_steps", "3") == 0
+                      "--max_steps", "3", *precision) == 0
     a = json.loads((tmp_path / "out_scored" / "training_complete.json").read_text())
     b = json.loads((tmp_path / "out_plain" / "training_complete.json").read_text())
     assert a["stored_reference"] == 8 and b["stored_reference"] == 0
@@ -121,12 +123,15 @@ def test_stored_reference_is_used_by_weights_not_by_name(tiny_model_dir, tmp_pat
     assert main(["convert", "--input_dir", str(tmp_path / "scored"), "--output_dir",
                  str(tmp_path / "pairs")]) == 0
 
-    def stored(model, out):
-        assert _train(model, tmp_path / "pairs", tmp_path / out, "--max_steps", "1") == 0
+    def stored(model, out, *extra):
+        assert _train(model, tmp_path / "pairs", tmp_path / out, "--max_steps", "1",
+                      *extra) == 0
         return json.loads((tmp_path / out / "training_complete.json").read_text())[
             "stored_reference"]
 
     assert stored(tiny_model_dir, "same_weights_other_name") == 4
+    # float32 log-probs are not a bf16 training's reference: it computes its own
+    assert stored(tiny_model_dir, "same_weights_bf16", "--bf16", "true") == 0
     make_tiny_model(tokenizer, seed=7).save_pretrained(scorer)     # same name, other weights
     assert stored(scorer, "same_name_other_weights") == 0
 

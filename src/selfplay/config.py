@@ -71,6 +71,10 @@ class ModelSettings:
     dtype: str = opt("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, "
                      "bfloat16 or float16.", INFER,
                      choices=("auto", "float32", "bfloat16", "float16"))
+    bf16: bool = opt(False, "bfloat16 mixed precision: float32 weights, matrix products in "
+                     "bfloat16 under autocast, in training and in our decoder, scoring and "
+                     "evaluation (vLLM then runs in bfloat16). The paper: true, on GPUs; on a CPU "
+                     "it pays where the CPU has bfloat16 instructions (avx512_bf16, AMX).", INFER)
     batch_size: int = opt(0, "Prompts per batch when generating, scoring and evaluating (0: 64 "
                           "on CPU, 128 on GPU).", {"generate", "score", "evaluate", "run"})
     engine: str = opt("auto", "Generation engine: auto (vLLM when installed, else HF; the "
@@ -226,7 +230,6 @@ class TrainingSettings:
                          "max(0, 1 - β·margin); sppo (soft), sppo_single, sppo_hard: SPPO's, "
                          "on pairs with win probabilities.", PAIR_CMDS,
                          choices=("sigmoid", "hinge", "sppo", "sppo_single", "sppo_hard"))
-    bf16: bool = opt(False, "bfloat16 mixed precision (the paper: true, on GPUs).", TRAIN_CMDS)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
                                        TRAIN_CMDS)
     group_by_length: bool = opt(True, "Batch pairs of similar length together (seeded), so "

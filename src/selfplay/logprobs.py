@@ -19,6 +19,13 @@ from tqdm.auto import tqdm
 from selfplay.rendering import collate, prompt_ids, response_ids, truncate
 
 
+def autocast(device: torch.device, bf16: bool):
+    """--bf16 for inference: float32 weights, matrix products in bfloat16, as accelerate's
+    autocast runs training, so that log-probs scored before training are the ones the trainer
+    would compute at its first step."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def _split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
     """(backbone, output layer, logit soft-cap) of a causal LM, PEFT-wrapped or not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -85,11 +92,12 @@ class ResponseLogProbs(nn.Module):
 @torch.no_grad()
 def score_texts(model, tokenizer, items: list[tuple[list[dict[str, str]], list[str]]],
                 max_length: int, max_prompt_length: int, batch_size: int = 16,
-                chunk_size: int = 1024, desc: str = "score"
+                chunk_size: int = 1024, desc: str = "score", bf16: bool = False
                 ) -> list[tuple[list[float], list[int]]]:
     """For each (prompt, [texts]), the summed log-prob and token count of each text.
 
-    Every prompt is tokenized once; sequences are sorted by length into batches.
+    Every prompt is tokenized once; sequences are sorted by length into batches. With bf16,
+    under the autocast training runs in (`autocast`).
     """
     seqs, owners = [], []
     for i, (prompt, texts) in enumerate(items):
@@ -105,8 +113,9 @@ def score_texts(model, tokenizer, items: list[tuple[list[dict[str, str]], list[s
         idx = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in
                  collate([seqs[k] for k in idx], tokenizer.pad_token_id).items()}
-        logp, ntok = response_logps(model, batch["input_ids"], batch["attention_mask"],
-                                    batch["response_mask"], chunk_size)
+        with autocast(device, bf16):
+            logp, ntok = response_logps(model, batch["input_ids"], batch["attention_mask"],
+                                        batch["response_mask"], chunk_size)
         for k, lp, nt in zip(idx, logp.tolist(), ntok.tolist()):
             i, j = owners[k]
             out[i][0][j], out[i][1][j] = lp, nt

@@ -81,7 +81,7 @@ def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
     try:
         accelerator = Accelerator(
             cpu=model.device == "cpu" or not torch.cuda.is_available(),
-            mixed_precision="bf16" if training.bf16 else "no",
+            mixed_precision="bf16" if model.bf16 else "no",
             gradient_accumulation_steps=training.gradient_accumulation_steps)
     except RuntimeError as e:   # an FSDP (v1) config on a machine without an accelerator
         if "no available devices" not in str(e):
@@ -94,7 +94,7 @@ def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
     set_seed(seed)
     out.root.mkdir(parents=True, exist_ok=True)
     lm, tok = load_for_training(model.model_name_or_path, model.dtype, lora, accelerator.device,
-                                bf16=training.bf16,
+                                bf16=model.bf16,
                                 gradient_checkpointing=training.gradient_checkpointing)
     return accelerator, lm, tok
 

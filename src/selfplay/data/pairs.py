@@ -32,21 +32,23 @@ from selfplay.errors import SelfplayError
 @dataclass(frozen=True)
 class ScoreStamp:
     """What a stored log-prob was computed with; it is valid only for exactly this: the same
-    weights (`models.fingerprint`) under the same truncation. The model's name is kept for
-    people; two stamps compare by fingerprint and truncation alone."""
+    weights (`models.fingerprint`) under the same truncation and precision (--bf16). The
+    model's name is kept for people; two stamps compare by the rest."""
     model: str = field(compare=False)
     max_length: int
     max_prompt_length: int
     fingerprint: str | None        # None: written before fingerprints; never matches
+    bf16: bool = False             # written only when true: float32 stamps read as before
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "max_length": self.max_length,
-                "max_prompt_length": self.max_prompt_length, "fingerprint": self.fingerprint}
+                "max_prompt_length": self.max_prompt_length, "fingerprint": self.fingerprint,
+                **({"bf16": True} if self.bf16 else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> "ScoreStamp | None":
         return cls(d["model"], d["max_length"], d["max_prompt_length"],
-                   d.get("fingerprint")) if d else None
+                   d.get("fingerprint"), bool(d.get("bf16"))) if d else None
 
     def matches(self, other: "ScoreStamp | None") -> bool:
         return other is not None and self.fingerprint is not None and self == other
@@ -84,7 +86,8 @@ def _chat(prompt: list[dict[str, str]], answer: str) -> list[dict[str, str]]:
 
 def _stamp_columns(s: ScoreStamp) -> dict[str, Any]:
     return {"score_model": s.model, "score_max_length": s.max_length,
-            "score_max_prompt_length": s.max_prompt_length, "score_fingerprint": s.fingerprint}
+            "score_max_prompt_length": s.max_prompt_length, "score_fingerprint": s.fingerprint,
+            **({"score_bf16": True} if s.bf16 else {})}
 
 
 def spin_row(p: PreferencePair) -> dict[str, Any]:
@@ -121,11 +124,11 @@ def write_pairs(path: Path, pairs: list[PreferencePair], layout: str) -> None:
 # Columns of either layout that become PreferencePair fields (not extra).
 _SPIN_COLS = {"generated", "generated_tokens", "finish_reason", "ref_logp_real", "ref_ntok_real",
               "ref_logp_generated", "ref_ntok_generated", "score_model", "score_max_length",
-              "score_max_prompt_length", "score_fingerprint"}
+              "score_max_prompt_length", "score_fingerprint", "score_bf16"}
 _SPPO_COLS = {"rejected", "chosen_probs", "chosen_probs_win", "chosen_probs_lose", "judge",
               "finish_reason", "ref_logp_chosen", "ref_logp_rejected", "ref_ntok_chosen",
               "ref_ntok_rejected", "score_model", "score_max_length", "score_max_prompt_length",
-              "score_fingerprint"}
+              "score_fingerprint", "score_bf16"}
 
 
 def _answer(value: Any, source: str) -> str:
@@ -152,7 +155,8 @@ def pair_from_example(ex: Example, source: str) -> PreferencePair:
             "`selfplay convert` first (or use `selfplay run`).")
     w, l = ("real", "generated") if spin else ("chosen", "rejected")
     stamp = ScoreStamp(e["score_model"], e["score_max_length"], e["score_max_prompt_length"],
-                       e.get("score_fingerprint")) if e.get("score_model") is not None else None
+                       e.get("score_fingerprint"), bool(e.get("score_bf16"))) \
+        if e.get("score_model") is not None else None
     cols = _SPIN_COLS if spin else _SPPO_COLS
     return PreferencePair(
         prompt_id=ex.prompt_id, prompt=ex.prompt, chosen=ex.reference,

@@ -45,9 +45,11 @@ def open_engine(model, *, seed: int = 42, process_index: int = 0,
                 num_processes: int = 1) -> Engine:
     """The engine `model` (ModelSettings) asks for, loaded with its model."""
     if engine_name(model.engine) == "hf":
-        return HFEngine(model.model_name_or_path, model.device, model.dtype)
+        return HFEngine(model.model_name_or_path, model.device, model.dtype, model.bf16)
+    # vLLM has no autocast: --bf16 runs it on bfloat16 weights
+    dtype = "bfloat16" if model.bf16 and model.dtype == "auto" else model.dtype
     try:
-        return VllmEngine(model.model_name_or_path, model.device, model.dtype, seed=seed,
+        return VllmEngine(model.model_name_or_path, model.device, dtype, seed=seed,
                           tensor_parallel_size=model.tensor_parallel_size,
                           kv_cache_gib=model.vllm_kv_cache_gib, process_index=process_index,
                           num_processes=num_processes)
@@ -56,7 +58,7 @@ def open_engine(model, *, seed: int = 42, process_index: int = 0,
             raise
         # auto promised whichever engine works: say why vLLM did not, and decode with ours
         print(f"{e} Generating with the HF engine instead.", file=sys.stderr)
-        return HFEngine(model.model_name_or_path, model.device, model.dtype)
+        return HFEngine(model.model_name_or_path, model.device, model.dtype, model.bf16)
 
 
 def scoring_model(engine: Engine, model):

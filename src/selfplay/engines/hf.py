@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from selfplay.engines.base import Generation, SamplingSettings, row_seeds, stop_token_ids
+from selfplay.logprobs import autocast
 from selfplay.models import load_model
 from selfplay.rendering import prompt_ids
 
@@ -112,12 +113,14 @@ class HFEngine:
     """Our decoder on a transformers model; the loaded model also serves scoring."""
     name = "hf"
 
-    def __init__(self, spec: str, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, spec: str, device: str = "auto", dtype: str = "auto", bf16: bool = False):
         self.model, self.tokenizer = load_model(spec, device, dtype)
+        self.bf16 = bf16
 
     def generate(self, prompts, settings: SamplingSettings, seeds: Sequence[int] | None = None,
                  desc: str = "generate") -> list[Generation]:
-        return generate(self.model, self.tokenizer, prompts, settings, seeds, desc)
+        with autocast(self.model.device, self.bf16):
+            return generate(self.model, self.tokenizer, prompts, settings, seeds, desc)
 
     def close(self) -> None:
         self.model = None

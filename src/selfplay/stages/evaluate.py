@@ -56,7 +56,8 @@ def evaluate(engine: Engine, examples: list[Example], max_new_tokens: int, batch
         model, tokenizer = scoring_model(engine, loaded)
         scored = score_texts(model, tokenizer, [(e.prompt, [e.reference]) for e in examples],
                              scoring.max_length, scoring.max_prompt_length, batch_size,
-                             scoring.logprob_chunk_size, desc="reference likelihood")
+                             scoring.logprob_chunk_size, desc="reference likelihood",
+                             bf16=bool(loaded and loaded.bf16))
         ref_logp = sum(s[0][0] for s in scored) / max(sum(s[1][0] for s in scored), 1)
     fam: dict[str, list[bool]] = defaultdict(list)
     for e, r in zip(examples, right):

@@ -58,6 +58,8 @@ def generate(model: ModelSettings, data: DataSettings, gen: GenerationSettings,
                          scoring.max_prompt_length)
     record = {"model": model.model_name_or_path, "num_samples": gen.num_samples,
               **{k: v for k, v in asdict(s).items() if k not in CUT_KEYS}}
+    if model.bf16:  # recorded only then, as prompt_truncation below
+        record["bf16"] = True
     cut = cut_prompts(model.model_name_or_path, [e.prompt for e in mine], s)
     if cut:         # recorded only then: shards whose prompts all fit stay comparable
         record["prompt_truncation"] = {k: getattr(s, k) for k in CUT_KEYS}

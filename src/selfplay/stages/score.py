@@ -21,9 +21,9 @@ from selfplay.logprobs import score_texts
 from selfplay.models import fingerprint, load_model
 
 
-def stamp_for(model_spec: str, scoring: ScoringSettings) -> ScoreStamp:
-    return ScoreStamp(model_spec, scoring.max_length, scoring.max_prompt_length,
-                      fingerprint(model_spec))
+def stamp_for(model: ModelSettings, scoring: ScoringSettings) -> ScoreStamp:
+    return ScoreStamp(model.model_name_or_path, scoring.max_length, scoring.max_prompt_length,
+                      fingerprint(model.model_name_or_path), model.bf16)
 
 
 def score_rows(lm, tok, rows: list[ShardRow], model: ModelSettings,
@@ -31,8 +31,9 @@ def score_rows(lm, tok, rows: list[ShardRow], model: ModelSettings,
     """Fill the ref_logp_* / ref_ntok_* columns of generation rows, in place."""
     scored = score_texts(lm, tok, [(r.prompt, [r.reference] + r.responses) for r in rows],
                          scoring.max_length, scoring.max_prompt_length,
-                         model.inference_batch_size(), scoring.logprob_chunk_size)
-    stamp = stamp_for(model.model_name_or_path, scoring).to_json()
+                         model.inference_batch_size(), scoring.logprob_chunk_size,
+                         bf16=model.bf16)
+    stamp = stamp_for(model, scoring).to_json()
     for r, (lps, nts) in zip(rows, scored):
         r.ref_logp_reference, r.ref_ntok_reference = lps[0], nts[0]
         r.ref_logp_responses, r.ref_ntok_responses = lps[1:], nts[1:]
@@ -44,8 +45,9 @@ def score_pairs(lm, tok, pairs: list[PreferencePair], model: ModelSettings,
     """Fill the reference log-probs of chosen and rejected, in place."""
     scored = score_texts(lm, tok, [(p.prompt, [p.chosen, p.rejected]) for p in pairs],
                          scoring.max_length, scoring.max_prompt_length,
-                         model.inference_batch_size(), scoring.logprob_chunk_size)
-    stamp = stamp_for(model.model_name_or_path, scoring)
+                         model.inference_batch_size(), scoring.logprob_chunk_size,
+                         bf16=model.bf16)
+    stamp = stamp_for(model, scoring)
     for p, (lps, nts) in zip(pairs, scored):
         p.ref_logp_chosen, p.ref_logp_rejected = lps
         p.ref_ntok_chosen, p.ref_ntok_rejected = nts

@@ -127,9 +127,12 @@ def load_pairs(sources: list[tuple[str, float]], data: DataSettings, scoring: Sc
 # ---------------------------------------------------------------------------------------
 
 def _fingerprint(reference: ScoreStamp, load_in_4bit: bool, pairs: list[TrainPair]) -> str:
-    """The identity of a reference pass: the reference's weights, truncation, and tokens."""
+    """The identity of a reference pass: the reference's weights, truncation, precision and
+    tokens."""
     h = hashlib.sha256(f"{reference.fingerprint}|{reference.max_length}|"
                        f"{reference.max_prompt_length}|{load_in_4bit}".encode())
+    if reference.bf16:  # only then, so that float32 caches written before --bf16 still hold
+        h.update(b"|bf16")
     for p in pairs:
         h.update(repr((p.chosen.input_ids, p.rejected.input_ids)).encode())
     return h.hexdigest()[:16]
@@ -255,7 +258,7 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
     accelerator, lm, tok = start(model, training, lora, out, seed)
     ref_spec = training.reference_model or model.model_name_or_path
     reference = ScoreStamp(ref_spec, scoring.max_length, scoring.max_prompt_length,
-                           fingerprint(ref_spec))
+                           fingerprint(ref_spec), model.bf16)
     pairs, stats = load_pairs(sources, data, scoring, training.loss_type,
                               None if lora.load_in_4bit else reference, tok)
     if accelerator.is_main_process and stats.unused_probs:
