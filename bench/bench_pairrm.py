@@ -15,7 +15,7 @@ every prompt in one length-sorted, token-budgeted batched run):
              tokens/s is what carries over to the real tokenizer
 
 Each dtype (float32, what PairRM runs in on a CPU; bfloat16, what it runs in on a GPU) is
-timed on the same inputs, best of --repeats.
+timed on the same inputs, best of --repeats, on a GPU when there is one (--device).
 
     python bench/bench_pairrm.py [--prompts 4] [--k 5] [--repeats 1] [--json out.json]
 """
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--device", default="auto", help="auto: a GPU when there is one")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
@@ -62,10 +63,13 @@ def main() -> None:
     from selfplay.engines.hf import HFEngine
     from selfplay.judges.pairrm import DEBERTA_V3_LARGE, DebertaV2PairRM, PairRM, source_text
     from selfplay.judges.pairrm_inputs import add_pairrm_tokens
+    from selfplay.models import pick_device
+
+    device = pick_device(args.device)
 
     suite = tasks("train", 2000, seed=0)
     prompts = [[{"role": "user", "content": t.prompt}] for t in suite[:args.prompts]]
-    engine = HFEngine("default", "cpu")
+    engine = HFEngine("default", str(device))
     s = SamplingSettings(max_new_tokens=128, temperature=0.7, top_p=0.9, seed=42, batch_size=64)
     flat = engine.generate([p for p in prompts for _ in range(args.k)], s,
                            seeds=[stream_seed(42, f"bench/{k}", i) for i in range(len(prompts))
@@ -91,7 +95,7 @@ def main() -> None:
     n_tok = sum(len(p.input_ids) for p in pairs)
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
-        judge = PairRM(copy.deepcopy(model).to(dtype), tok, "cpu")
+        judge = PairRM(copy.deepcopy(model).to(dtype), tok, device)
         judge.comparison_matrices(sources[:1], samples[:1])            # warm-up
         best = float("inf")
         for _ in range(args.repeats):
@@ -104,7 +108,7 @@ def main() -> None:
     sample_tokens = sum(g.n_tokens for g in flat) / len(flat)
     print(f"\n{len(prompts)} prompts x K={args.k}: {n_pairs} ordered comparisons, "
           f"{n_tok / n_pairs:.0f} tokens each on average (samples: {sample_tokens:.0f} "
-          f"tokens), {torch.get_num_threads()} threads")
+          f"tokens), on {device} ({torch.get_num_threads()} threads)")
     print(f"{'':12}{'seconds':>10}{'pairs/s':>10}{'tokens/s':>10}")
     for name, r in results.items():
         print(f"{name:12}{r['seconds']:10.1f}{r['pairs_per_s']:10.2f}{r['tokens_per_s']:10.0f}")
@@ -114,7 +118,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(
             {"bench": "pairrm", "prompts": len(prompts), "k": args.k, "comparisons": n_pairs,
              "tokens_per_comparison": n_tok / n_pairs, "sample_tokens": sample_tokens,
-             "threads": torch.get_num_threads(), "vocab": len(tok), "results": results},
+             "device": str(device), "threads": torch.get_num_threads(), "vocab": len(tok),
+             "results": results},
             indent=1))
 
 

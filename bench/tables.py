@@ -63,7 +63,8 @@ def precision(d: dict) -> str:
 def pairrm(d: dict) -> str:
     lines = [f"{d['prompts']} prompts x K = {d['k']}: {d['comparisons']} ordered comparisons of "
              f"{d['tokens_per_comparison']:.0f} tokens on average (samples of "
-             f"{d['sample_tokens']:.0f} tokens); {d['threads']} threads.", "",
+             f"{d['sample_tokens']:.0f} tokens); {d.get('device', 'cpu')}, {d['threads']} "
+             "threads.", "",
              "| dtype | seconds | comparisons/s | tokens/s |", "|---|---|---|---|"]
     for name, r in d["results"].items():
         lines.append(f"| {name} | {r['seconds']:.1f} | {r['pairs_per_s']:.2f} "
