@@ -181,9 +181,11 @@ class Manifest:
         self.data.setdefault("forced", []).append(
             {"at": time.time(), "changed": {k: [old.get(k), new.get(k)] for k in diff},
              "redo": started})
-        print(f"[force] {', '.join(diff)} changed: "
-              + (f"redoing {', '.join(started)}" if started else "no finished stage reads them")
-              + " (and any stage after them whose inputs then change)", file=sys.stderr)
+        if self.procs.main:     # every process marks the same stages; one says so
+            print(f"[force] {', '.join(diff)} changed: "
+                  + (f"redoing {', '.join(started)}" if started
+                     else "no finished stage reads them")
+                  + " (and any stage after them whose inputs then change)", file=sys.stderr)
 
     def redoing(self, key: str) -> bool:
         """Whether a forced recipe change makes `key` redo its work from scratch."""
