@@ -341,7 +341,8 @@ def test_a_sharding_config_that_would_not_shard_is_refused(config, tiny_model_di
     assert res.returncode != 0
     if config == "fsdp.yaml":          # FSDP v1 settings: accelerate's plugin wants a device
         assert ("the accelerate config asks for FSDP, but accelerate" in res.stderr and
-                "cannot shard here (There are currently no available devices" in res.stderr)
+                "cannot shard here (" in res.stderr
+                and "selfplay/trainer.py" not in res.stderr)    # said, not a traceback of ours
     else:
         assert ("the accelerate config asks for DEEPSPEED, but accelerate" in res.stderr and
                 "runs MULTI_CPU here (it shards only on GPUs and other accelerators)"

@@ -84,7 +84,10 @@ def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
             mixed_precision="bf16" if model.bf16 else "no",
             gradient_accumulation_steps=training.gradient_accumulation_steps)
     except RuntimeError as e:   # an FSDP (v1) config on a machine without an accelerator
-        if "no available devices" not in str(e):
+        # accelerate's words for it change between releases ("no available devices", "not
+        # supported on cpu"): the launcher's flag and the missing device are what tell it
+        if (os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true")
+                or torch.cuda.is_available()):
             raise
         raise SelfplayError(
             f"the accelerate config asks for FSDP, but accelerate {accelerate.__version__} "
