@@ -327,8 +327,9 @@ class RunSettings:
     match_steps_of: str = opt("", "With --method sft: a SPIN run directory whose iterations set "
                               "this arm's updates per iteration (--drop_identical can leave SPIN "
                               "fewer pairs than prompts).", {"run"})
-    iterations: list = opt(None, "Per-iteration overrides, a list of mappings (recipe only), "
-                           "e.g. [{}, {}, {learning_rate: 1.0e-7}, {beta: 5.0}].", {"run"},
+    iterations: list = opt(None, "Per-iteration overrides, a list of mappings (in a recipe, or "
+                           "a YAML list on the command line), e.g. [{}, {}, {learning_rate: "
+                           "1.0e-7}, {beta: 5.0}].", {"run"},
                            default_factory=list)
 
 
