@@ -142,7 +142,8 @@ def test_one_forward_pass_per_step(tiny_model_dir, pairs_dir, tmp_path, monkeypa
     orig = tr.ResponseLogProbs.forward
 
     def counting(self, input_ids, attention_mask, response_mask):
-        calls.append(input_ids.shape[0])
+        if self.training:                 # not the reference pass, which runs in eval mode
+            calls.append(input_ids.shape[0])
         return orig(self, input_ids, attention_mask, response_mask)
 
     monkeypatch.setattr(tr.ResponseLogProbs, "forward", counting)
@@ -317,6 +318,35 @@ def test_qlora_on_two_cpu_processes_equals_one_process(tiny_model_dir, pairs_dir
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_zero3_in_one_process_equals_plain_training(tiny_model_dir, pairs_dir, tmp_path):
+    """The shipped ZeRO-3 config in one process, on DeepSpeed's CPU accelerator: the model
+    built partitioned (zero3_init_flag), the reference pass through DeepSpeed's engine, the
+    gathered save: plain training's losses and weights (tests/test_gpu.py: on a GPU)."""
+    import yaml
+    pytest.importorskip("deepspeed")
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "accelerate" / "zero3.yaml")
+                         .read_text())
+    cfg.update(num_processes=1, mixed_precision="no")
+    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(cfg))
+    common = ["--optim", "adamw", "--max_steps", "6"]
+    assert _train(tiny_model_dir, pairs_dir, tmp_path / "plain", *common) == 0
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(tmp_path / "zero3.yaml"), "-m", "selfplay", "train", "--model",
+                          str(tiny_model_dir), "--dataset", str(pairs_dir), "--output_dir",
+                          str(tmp_path / "z3"), "--per_device_train_batch_size", "4",
+                          "--logging_steps", "1", "--learning_rate", "1e-3", *common],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    for x, y in zip(_log(tmp_path / "plain"), _log(tmp_path / "z3"), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    a = load_file(tmp_path / "plain" / "model.safetensors")
+    b = load_file(tmp_path / "z3" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("config", ["fsdp.yaml", "zero3.yaml"])

@@ -363,6 +363,13 @@ def save_trained(model, tok, out: Path, lora: LoraSettings, base_spec: str,
         merged.config.use_cache = True
         merged.save_pretrained(out, safe_serialization=True)
     else:   # full weights, or the adapter alone (PeftModel.save_pretrained)
+        if state_dict is not None:
+            # FSDP and ZeRO-3 gather a tied output layer as its own copy of the embeddings,
+            # which save_pretrained cannot recognise as shared: the checkpoint would hold both
+            # (seen on a GPU under FSDP). Keep one, as a plain model's checkpoint does.
+            tied = getattr(model, "all_tied_weights_keys", None) or {}
+            state_dict = {k: v for k, v in state_dict.items()
+                          if k not in tied or tied[k] not in state_dict}
         model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tok.save_pretrained(out)
 

@@ -78,9 +78,15 @@ def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
     # run`, a notebook, the tests) the last training's state would refuse another mixed
     # precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
+    # Without a GPU, accelerate's CPU path; but a DeepSpeed launch of one process keeps
+    # DeepSpeed, which has its own CPU accelerator, and so runs ZeRO-3's real code (how the
+    # tests reach it without a GPU). Several processes would form no group under it: on the
+    # CPU path they run MULTI_CPU, which check_launch refuses in words that say so.
+    deepspeed = (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+                 and int(os.environ.get("WORLD_SIZE", "1")) == 1)
     try:
         accelerator = Accelerator(
-            cpu=model.device == "cpu" or not torch.cuda.is_available(),
+            cpu=model.device == "cpu" or (not torch.cuda.is_available() and not deepspeed),
             mixed_precision="bf16" if model.bf16 else "no",
             gradient_accumulation_steps=training.gradient_accumulation_steps)
     except RuntimeError as e:   # an FSDP (v1) config on a machine without an accelerator
@@ -159,12 +165,22 @@ class Run:
 
 
 def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
-            training: TrainingSettings, chunk_size: int, out: ModelLayout, seed: int) -> Run:
-    """Wrap, plan and (with training.resume) restore; `lengths` are the items' token counts."""
+            training: TrainingSettings, chunk_size: int, out: ModelLayout, seed: int,
+            before_restore: Callable[[torch.nn.Module], None] | None = None) -> Run:
+    """Wrap, plan and (with training.resume) restore; `lengths` are the items' token counts.
+    `before_restore` gets the wrapped log-prob module while it still holds the starting
+    weights (the reference pass: under FSDP and ZeRO-3 the unwrapped model's weights are
+    partitioned or, off the main process, not loaded)."""
     wrapped = ResponseLogProbs(model, chunk_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(training, params)
+    ds = accelerator.state.deepspeed_plugin
+    if ds is not None:        # DeepSpeed reads the batch off a dataloader; ours is not one
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = \
+            training.per_device_train_batch_size
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    if before_restore is not None:
+        before_restore(wrapped)
     ga = training.gradient_accumulation_steps
 
     def batches_of(epoch: int) -> list[list[int]]:

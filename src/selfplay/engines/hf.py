@@ -34,9 +34,8 @@ def _pick(logits: torch.Tensor, s: SamplingSettings,
         outside = sorted_p.cumsum(-1) - sorted_p > s.top_p      # keeps at least the top token
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    probs = probs.cpu()
     picked = [torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(gens)]
-    return torch.cat(picked).to(logits.device)
+    return torch.cat(picked)
 
 
 @torch.no_grad()
@@ -95,7 +94,12 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: Sa
         for r, i in enumerate(idx):                 # left padding: generation continues at the end
             ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
             attn[r, width - len(encoded[i]):] = 1
-        gens = None if seeds is None else [torch.Generator().manual_seed(seeds[i]) for i in idx]
+        # Each row's stream lives on the model's device: drawing on the CPU copied the batch's
+        # probabilities off the GPU at every step (on an H200, 64 sampled rows decoded 311
+        # tokens/s, less than greedy model.generate's 387 at batch 16). A seed gives the same
+        # draws on the same device.
+        gens = None if seeds is None else [torch.Generator(device).manual_seed(seeds[i])
+                                           for i in idx]
         new = decode(model, ids.to(device), attn.to(device), stops, settings, gens)
         for r, i in enumerate(idx):
             ended = bool(new[r]) and new[r][-1] in stops

@@ -7,9 +7,9 @@ one model in memory.
   3. pairs: read (several datasets mix by share), tokenize once, truncate, count truncations
   4. reference log-probs: the ones stored with the pairs when their stamp matches this
      reference's weights and truncation; otherwise computed once, before the first step, with
-     the starting weights (the adapter disabled under LoRA), and cached in the output
-     directory with a fingerprint, so that a resumed run does not recompute them from
-     weights that have moved
+     the starting weights (the adapter disabled under LoRA) through the prepared model (under
+     FSDP and ZeRO-3 only it holds whole weights), and cached in the output directory with a
+     fingerprint, so that a resumed run does not recompute them from weights that have moved
   5. the loop (trainer.loop) with `pair_step`: one forward pass for [chosen; rejected], the
      loss, the official SPIN metrics
   6. a Hugging Face checkpoint (merged LoRA by default)
@@ -35,7 +35,7 @@ from selfplay.data.pairs import PreferencePair, ScoreStamp, read_pairs
 from selfplay.data.run_layout import ModelLayout
 from selfplay.data.shards import write_json_atomic
 from selfplay.errors import SelfplayError
-from selfplay.logprobs import response_logps
+from selfplay.logprobs import ResponseLogProbs
 from selfplay.losses import pair_loss
 from selfplay.models import fingerprint, load_model
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
@@ -139,40 +139,51 @@ def _fingerprint(reference: ScoreStamp, load_in_4bit: bool, pairs: list[TrainPai
 
 
 @torch.no_grad()
-def compute_reference(model, pairs: list[TrainPair], pad_id: int, batch_size: int, chunk: int,
+def compute_reference(scorer, pairs: list[TrainPair], pad_id: int, batch_size: int,
                       accelerator) -> None:
-    """θ_t's log-probs for pairs that have none stored; each process scores a slice."""
+    """θ_t's log-probs for pairs that have none stored; each process scores a share.
+
+    `scorer` is a log-prob module (logprobs.ResponseLogProbs): the one prepared for training,
+    before any update (under FSDP and ZeRO-3 only its wrapper holds whole weights: it gathers
+    each layer's shards in forward, as in training), or one around θ_t loaded for this pass.
+    A sharded forward is a collective, so every process runs the same number of batches."""
     todo = [i for i, p in enumerate(pairs) if p.ref_chosen is None]
     if not todo:
         return
-    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    was_training = model.training
-    model.eval()
+    inner = accelerator.unwrap_model(scorer).model
+    ctx = inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
+    was_training = scorer.training
+    scorer.eval()
+    order = sorted(todo, key=lambda i: -len(pairs[i].chosen.input_ids))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = batches[rank::world]
+    n_real = len(mine)
+    mine += [batches[0]] * (-(-len(batches) // world) - n_real)    # repeats, results dropped
     results: list[tuple[int, float, float]] = []
-    with accelerator.split_between_processes(todo) as mine, ctx:
-        bar = tqdm(total=len(mine), desc="reference log-probs", unit="pair",
-                   disable=not accelerator.is_local_main_process, mininterval=1.0)
-        order = sorted(mine, key=lambda i: -len(pairs[i].chosen.input_ids))
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+    bar = tqdm(total=sum(map(len, mine[:n_real])), desc="reference log-probs", unit="pair",
+               disable=not accelerator.is_local_main_process, mininterval=1.0)
+    with ctx:
+        for k, idx in enumerate(mine):
             seqs = [pairs[i].chosen for i in idx] + [pairs[i].rejected for i in idx]
-            b = {k: v.to(accelerator.device) for k, v in collate(seqs, pad_id).items()}
+            b = {k_: v.to(accelerator.device) for k_, v in collate(seqs, pad_id).items()}
             with accelerator.autocast():
-                lp, _ = response_logps(model, b["input_ids"], b["attention_mask"],
-                                       b["response_mask"], chunk)
-            w, l = lp.float().cpu().chunk(2)
-            results += list(zip(idx, w.tolist(), l.tolist()))
-            bar.update(len(idx))
-        bar.close()
+                lp, _ = scorer(**b)
+            if k < n_real:
+                w, l = lp.float().cpu().chunk(2)
+                results += list(zip(idx, w.tolist(), l.tolist()))
+                bar.update(len(idx))
+    bar.close()
     for i, w, l in gather_object(results):
         pairs[i].ref_chosen, pairs[i].ref_rejected = w, l
-    model.train(was_training)
+    scorer.train(was_training)
 
 
-def reference_logps(model, pairs: list[TrainPair], pad_id: int, accelerator, out: ModelLayout,
+def reference_logps(scorer, pairs: list[TrainPair], pad_id: int, accelerator, out: ModelLayout,
                     *, start: ModelSettings, reference: ScoreStamp, chunk: int,
                     training: TrainingSettings, load_in_4bit: bool) -> None:
-    """Fill every pair's reference log-probs: from the cache, the pairs, or computed once."""
+    """Fill every pair's reference log-probs: from the cache, the pairs, or computed once (by
+    `scorer`, the prepared log-prob module, when θ_t is the model being trained)."""
     fp = _fingerprint(reference, load_in_4bit, pairs)
     # Every process reads the cache between two barriers, before the main one may write it, so
     # all take the same path: one that found the cache the main process had just written, and
@@ -195,10 +206,10 @@ def reference_logps(model, pairs: list[TrainPair], pad_id: int, accelerator, out
     if reference.fingerprint != fingerprint(start.model_name_or_path):
         # θ_t is not the starting point (start_from: sft): load it for this pass only.
         ref, _ = load_model(reference.model, str(accelerator.device), start.dtype)
-        compute_reference(ref, pairs, pad_id, batch, chunk, accelerator)
+        compute_reference(ResponseLogProbs(ref, chunk), pairs, pad_id, batch, accelerator)
         del ref
     else:
-        compute_reference(model, pairs, pad_id, batch, chunk, accelerator)
+        compute_reference(scorer, pairs, pad_id, batch, accelerator)
     if accelerator.is_main_process:
         write_json_atomic(out.reference_cache,
                           {"fingerprint": fp, "chosen": [p.ref_chosen for p in pairs],
@@ -270,11 +281,15 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
               f"{scoring.max_length} / max_prompt_length {scoring.max_prompt_length}; "
               f"{stats.stored_reference} with stored reference log-probs", file=sys.stderr)
     claim(accelerator, out, overwrite=overwrite, resume=training.resume)
-    reference_logps(lm, pairs, tok.pad_token_id, accelerator, out, start=model,
-                    reference=reference, chunk=scoring.logprob_chunk_size, training=training,
-                    load_in_4bit=lora.load_in_4bit)
     lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
-    r = prepare(accelerator, lm, tok, lengths, training, scoring.logprob_chunk_size, out, seed)
+
+    def fill_reference(scorer) -> None:       # θ_t's weights: prepared, not yet restored
+        reference_logps(scorer, pairs, tok.pad_token_id, accelerator, out, start=model,
+                        reference=reference, chunk=scoring.logprob_chunk_size,
+                        training=training, load_in_4bit=lora.load_in_4bit)
+
+    r = prepare(accelerator, lm, tok, lengths, training, scoring.logprob_chunk_size, out, seed,
+                before_restore=fill_reference)
     step = loop(r, training, out, pair_step(pairs, tok.pad_token_id, training))
     save_final(r, lora, model.model_name_or_path, out, {"steps": step, **stats.to_json()})
     return out.root
