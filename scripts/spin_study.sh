@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The SPIN-after-SFT study of docs/sft-study.md: every figure on that page comes from here.
 #
-#   bash scripts/spin_study.sh all        # every step below, in order (about 4 h on 2 cores)
+#   bash scripts/spin_study.sh all        # every step below, in order (about 5 h on 2 cores)
 #   bash scripts/spin_study.sh sft        # one step; later steps reuse earlier outputs
 #
 # Recipes are compared on the suite's validation split (300 prompts held out of train, never
@@ -44,6 +44,16 @@ sft_epochs() {  # a θ_0 made by 2 SFT epochs instead of 1, then the chosen reci
     --output_dir "$SFT-val"
   pairs greedy-e2
   variant e2-b5-lr2e-6 greedy-e2 --beta 5 --learning_rate 2e-6 --num_train_epochs 2
+}
+
+plateau() {  # the paper's setup: θ_0 from 2 SFT epochs over every prompt the iterations then
+             # use (1,768), SPIN on those seen prompts and its control arm, on validation
+  local p=$OUT/plateau
+  $SP run recipes/spin-smollm2-run.yaml --sft_epochs 2 --sft_max_prompts 1768 \
+    --eval_split validation --output_dir "$p-spin"
+  $SP run recipes/spin-smollm2-run.yaml --method sft --model "$p-spin/sft/model" \
+    --sft_epochs 0 --match_steps_of "$p-spin" --eval_split validation --output_dir "$p-control"
+  $SP compare "$p-spin" "$p-control" --output_dir "$p-compare"
 }
 
 valrun() {  # valrun NAME [run options]: 3 SPIN iterations from θ_0, judged on validation
@@ -92,11 +102,13 @@ case $step in
   variant) pick variant "$2" "${VARIANTS[@]}" ;;      # variant NAME: one of VARIANTS
   variants) for v in "${VARIANTS[@]}"; do read -r -a a <<< "$v"; variant "${a[@]}"; done ;;
   sft-epochs) sft_epochs ;;
+  plateau) plateau ;;
   run) pick valrun "$2" "${RUNS[@]}" ;;                # run NAME: one of RUNS
   runs) for v in "${RUNS[@]}"; do read -r -a a <<< "$v"; valrun "${a[@]}"; done ;;
   main) main_run ;;
-  all) "$0" sft; "$0" pairs; "$0" variants; "$0" sft-epochs; "$0" runs; "$0" main ;;
+  all) "$0" sft; "$0" pairs; "$0" variants; "$0" sft-epochs; "$0" runs; "$0" plateau
+       "$0" main ;;
   *) echo "unknown step $step: sft, pairs, variant NAME, variants, sft-epochs, run NAME, runs," \
-       "main or all" >&2
+       "plateau, main or all" >&2
      exit 2 ;;
 esac
