@@ -157,3 +157,41 @@ def test_a_model_vllm_cannot_run_is_one_sentence(tiny_model_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert "vLLM failed while generating" in err and "--engine hf" in err
     assert not list((tmp_path / "gen").glob("*.jsonl"))
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_sigterm_leaves_no_engine_processes(vllm_tiny_dir, tmp_path):
+    """`kill` (SIGTERM, what a scheduler sends to preempt) during generation ends the command
+    as Ctrl-C does: its vLLM engine processes go with it, and the shard is redone next time."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out, log = tmp_path / "gen", tmp_path / "stderr.txt"
+    with log.open("w") as err:   # a file, not a pipe: an orphaned engine would hold a pipe open
+        proc = subprocess.Popen([sys.executable, "-m", "selfplay", "generate", "--model",
+                                 str(vllm_tiny_dir), "--engine", "vllm", "--device", "cpu",
+                                 "--max_prompts", "64", "--max_new_tokens", "2000",
+                                 "--output_dir", str(out)],
+                                stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while "engine ready" not in log.read_text():            # then it decodes
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
+    time.sleep(2)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "vLLM started no engine process"
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    for p in alive:
+        p.kill()
+    assert not alive, "engine processes outlived the command"
+    assert code == 130, log.read_text()[-2000:]
+    assert "interrupted" in log.read_text()
+    assert not list(out.glob("*.jsonl"))

@@ -279,7 +279,27 @@ def quiet_unactionable_warnings() -> None:
         lambda r: "kernels-community" not in r.getMessage())
 
 
+def _sigterm_interrupts() -> Callable[[], None]:
+    """SIGTERM (`kill`, a scheduler preempting the job) ends a command as Ctrl-C does, so that
+    `finally` blocks and exit handlers run: Python's default dies at once and leaves vLLM's
+    engine processes running, holding their cores and memory. Returns the undo."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    return lambda: signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: list[str] | None = None) -> int:
+    undo = _sigterm_interrupts()
+    try:
+        return _main(argv)
+    finally:
+        undo()
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_unactionable_warnings()
     if not argv or argv[0] in ("-h", "--help", "help"):

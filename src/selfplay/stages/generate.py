@@ -82,20 +82,22 @@ def generate(model: ModelSettings, data: DataSettings, gen: GenerationSettings,
     # (shard, k, i), decoded side by side (same length, same batch), so one long answer holds
     # up one pass instead of K.
     k_ = gen.num_samples
-    flat = engine.generate([e.prompt for e in mine for _ in range(k_)], s,
-                           seeds=[stream_seed(s.seed, f"{path.name}/{k}", i)
-                                  for i in range(len(mine)) for k in range(k_)],
-                           desc=f"generate K={k_}" if k_ > 1 else "generate")
-    samples = [flat[k::k_] for k in range(k_)]
-    rows = [ShardRow(prompt_id=e.prompt_id, prompt=e.prompt, reference=e.reference,
-                     responses=[gs[i].text for gs in samples],
-                     response_tokens=[gs[i].n_tokens for gs in samples],
-                     finish_reasons=[gs[i].finish_reason for gs in samples],
-                     extra=e.extra, settings=record) for i, e in enumerate(mine)]
-    if gen.score:
-        lm, tok = scoring_model(engine, replace(model, device=device))
-        score_rows(lm, tok, rows, model, scoring)
-    engine.close()
+    try:
+        flat = engine.generate([e.prompt for e in mine for _ in range(k_)], s,
+                               seeds=[stream_seed(s.seed, f"{path.name}/{k}", i)
+                                      for i in range(len(mine)) for k in range(k_)],
+                               desc=f"generate K={k_}" if k_ > 1 else "generate")
+        samples = [flat[k::k_] for k in range(k_)]
+        rows = [ShardRow(prompt_id=e.prompt_id, prompt=e.prompt, reference=e.reference,
+                         responses=[gs[i].text for gs in samples],
+                         response_tokens=[gs[i].n_tokens for gs in samples],
+                         finish_reasons=[gs[i].finish_reason for gs in samples],
+                         extra=e.extra, settings=record) for i, e in enumerate(mine)]
+        if gen.score:
+            lm, tok = scoring_model(engine, replace(model, device=device))
+            score_rows(lm, tok, rows, model, scoring)
+    finally:        # interrupted too: vLLM's engine processes would outlive this one
+        engine.close()
     write_shard(path, rows)
     n = sum(len(r.responses) for r in rows)
     long = sum(f == "length" for r in rows for f in r.finish_reasons)
