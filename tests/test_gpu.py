@@ -14,23 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from conftest import write_parquet
 from selfplay.cli import main
+from test_training import _pairs, accelerate_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-CONFIGS = Path(__file__).parents[1] / "recipes" / "accelerate"
 COMMON = ["--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps",
           "1", "--optim", "adamw", "--max_steps", "6"]
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    from test_training import _pairs
     d = tmp_path_factory.mktemp("pairs")
     write_parquet(d / "train_prefs-00000-of-00001.parquet", _pairs())
     return d
@@ -50,11 +48,7 @@ def _same_weights(a: Path, b: Path, atol: float) -> None:
 def _config(tmp_path: Path, name: str) -> Path:
     """A shipped accelerate config for this machine's one GPU, in float32 (mixed precision
     changes the numbers, not the code paths under test)."""
-    cfg = yaml.safe_load((CONFIGS / name).read_text())
-    cfg.update(num_processes=1, mixed_precision="no")
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return accelerate_config(tmp_path, name, num_processes=1, mixed_precision="no")
 
 
 def _launch(config: Path, args: list[str]) -> list[str]:

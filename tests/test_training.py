@@ -320,20 +320,27 @@ def test_qlora_on_two_cpu_processes_equals_one_process(tiny_model_dir, pairs_dir
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+def accelerate_config(tmp_path: Path, name: str, **changes) -> Path:
+    """The shipped recipes/accelerate/NAME with `changes`, written under tmp_path."""
+    import yaml
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "accelerate" / name)
+                         .read_text())
+    cfg.update(changes)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def test_zero3_in_one_process_equals_plain_training(tiny_model_dir, pairs_dir, tmp_path):
     """The shipped ZeRO-3 config in one process, on DeepSpeed's CPU accelerator: the model
     built partitioned (zero3_init_flag), the reference pass through DeepSpeed's engine, the
     gathered save: plain training's losses and weights (tests/test_gpu.py: on a GPU)."""
-    import yaml
     pytest.importorskip("deepspeed")
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "accelerate" / "zero3.yaml")
-                         .read_text())
-    cfg.update(num_processes=1, mixed_precision="no")
-    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(cfg))
+    config = accelerate_config(tmp_path, "zero3.yaml", num_processes=1, mixed_precision="no")
     common = ["--optim", "adamw", "--max_steps", "6"]
     assert _train(tiny_model_dir, pairs_dir, tmp_path / "plain", *common) == 0
     res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                          str(tmp_path / "zero3.yaml"), "-m", "selfplay", "train", "--model",
+                          str(config), "-m", "selfplay", "train", "--model",
                           str(tiny_model_dir), "--dataset", str(pairs_dir), "--output_dir",
                           str(tmp_path / "z3"), "--per_device_train_batch_size", "4",
                           "--logging_steps", "1", "--learning_rate", "1e-3", *common],
@@ -355,15 +362,12 @@ def test_a_sharding_config_that_would_not_shard_is_refused(config, tiny_model_di
     """accelerate shards only on accelerators: on CPU an FSDP or ZeRO-3 config would run as
     plain data-parallel processes (use_cpu: true), each with the whole model. Refused, in one
     sentence, before any training; shown here on the shipped configs made to run on CPU."""
-    import yaml
     if config == "zero3.yaml":
         pytest.importorskip("deepspeed")          # accelerate's launcher needs it installed
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "accelerate" / config)
-                         .read_text())
-    cfg.update(num_processes=2, use_cpu=True, mixed_precision="no")
-    (tmp_path / config).write_text(yaml.safe_dump(cfg))
+    path = accelerate_config(tmp_path, config, num_processes=2, use_cpu=True,
+                             mixed_precision="no")
     res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                          str(tmp_path / config), "-m", "selfplay", "train", "--model",
+                          str(path), "-m", "selfplay", "train", "--model",
                           str(tiny_model_dir), "--dataset", str(pairs_dir), "--output_dir",
                           str(tmp_path / "out"), "--max_steps", "1"],
                          capture_output=True, text=True, timeout=600,
