@@ -84,6 +84,7 @@ RUNS=(
   "fresh256-t1 --fresh_prompts true --temperature 1.0"
   "fresh256-pc --fresh_prompts true --data_policy previous_and_current"
   'fresh256-lrfall --fresh_prompts true --iterations [{},{"learning_rate":1.0e-6},{"learning_rate":5.0e-7}]'
+  'fresh256-lrconst --fresh_prompts true --lr_scheduler_type constant --iterations [{},{"learning_rate":1.0e-6},{"learning_rate":5.0e-7}]'
 )
 
 pick() {  # pick FN NAME ENTRY...: FN with the words of the entry whose first word is NAME
