@@ -4,8 +4,9 @@ official  fixed batch of 16, prompts in file order, plain `model.generate`, gree
           (spin/generate.py's loop; same chat-rendered prompts, so the tokens are comparable)
 selfplay  prompts sorted by length, a batch that shrinks as rows finish (engines/hf.py),
           at batch 16 and at the default batch size
-vllm      engines/vllm.py (when vLLM is installed), in the model's dtype and in bfloat16;
-          the engine's start is timed apart from its generation
+vllm      engines/vllm.py (when vLLM is installed), in the model's dtype and in bfloat16,
+          and on CPU also compiled (--vllm_compile true) and without tcmalloc
+          (SELFPLAY_TCMALLOC=0); each engine's start is timed apart from its generation
 K = 5     with --samples 5: five sampled answers per prompt (temperature 0.7, top_p 0.9, as
           SPPO samples), our HF engine against vLLM
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -128,10 +130,17 @@ def main() -> None:
     if vllm_installed() and not args.no_vllm:
         from selfplay.engines.vllm import VllmEngine
         own = str(model.dtype)[6:]
-        for dtype in dict.fromkeys([own, "bfloat16"] if greedy_ways else [own]):
+        ways = [(d, "auto", True) for d in dict.fromkeys([own, "bfloat16"] if greedy_ways
+                                                          else [own])]
+        if greedy_ways and not on_gpu:          # on a GPU, auto compiles already
+            ways += [(own, "true", True), (own, "auto", False)]
+        for dtype, compiled, tcmalloc in ways:
+            os.environ["SELFPLAY_TCMALLOC"] = "1" if tcmalloc else "0"
             t = time.perf_counter()
-            engine = VllmEngine(args.model, str(model.device.type), dtype)
+            engine = VllmEngine(args.model, str(model.device.type), dtype, compile=compiled)
             start = time.perf_counter() - t
+            name = f"vllm {dtype}" + (" compiled" if compiled == "true" else "") + \
+                ("" if tcmalloc else " no tcmalloc")
 
             def vllm(settings, passes=1, engine=engine):
                 gens = [g for k in range(passes)
@@ -141,9 +150,9 @@ def main() -> None:
 
             print(f"{'':<22} (vLLM engine start {start:.0f} s, not counted)")
             if greedy_ways:
-                timed(f"vllm {dtype}", lambda: vllm(SamplingSettings(args.max_new_tokens)))
-                results[f"vllm {dtype}"]["engine_start_s"] = start
-            if args.samples and dtype == own:
+                timed(name, lambda: vllm(SamplingSettings(args.max_new_tokens)))
+                results[name].update(engine_start_s=start, allocator=engine.allocator)
+            if args.samples and dtype == own and compiled == "auto":
                 timed(f"vllm {dtype} K={args.samples}", lambda: vllm(sampled, args.samples))
                 results[f"vllm {dtype} K={args.samples}"]["engine_start_s"] = start
             engine.close()

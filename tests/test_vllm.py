@@ -32,6 +32,15 @@ def test_auto_takes_vllm_only_when_installed(monkeypatch):
         engine_name("auto")
 
 
+def test_tcmalloc_goes_first_in_ld_preload_unless_an_allocator_is_there():
+    from selfplay.engines.vllm import with_tcmalloc
+    assert with_tcmalloc("", "libtcmalloc_minimal.so.4") == "libtcmalloc_minimal.so.4"
+    assert with_tcmalloc("/x/libgomp.so.1", "libtcmalloc_minimal.so.4") == \
+        "libtcmalloc_minimal.so.4:/x/libgomp.so.1"
+    assert with_tcmalloc("/x/libjemalloc.so.2", "libtcmalloc.so.4") == "/x/libjemalloc.so.2"
+    assert with_tcmalloc("/x/libgomp.so.1", None) == "/x/libgomp.so.1"
+
+
 @pytest.fixture(scope="module")
 def vllm_tiny_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama whose head size (64) vLLM's CPU attention supports."""
@@ -84,6 +93,58 @@ def test_greedy_equals_hf_engine_and_samples_are_seeded():
         engine.close()
     import multiprocessing
     assert not multiprocessing.active_children()       # closed: its processes are gone
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_compiled_engine_gives_the_eager_tokens(vllm_tiny_dir):
+    """--vllm_compile true (torch.compile on CPU) changes speed, not answers."""
+    from selfplay.data.tasks import split_rows
+    from selfplay.engines.base import SamplingSettings, stream_seed
+    from selfplay.engines.hf import HFEngine
+
+    prompts = [r["messages"][:1] for r in split_rows("test", 0, {"test": 8})]
+    greedy = SamplingSettings(max_new_tokens=16, batch_size=4)
+    hf = HFEngine(str(vllm_tiny_dir), "cpu", "float32").generate(prompts, greedy)
+    settings = ModelSettings(model_name_or_path=str(vllm_tiny_dir), engine="vllm",
+                             device="cpu", dtype="float32", vllm_compile="true")
+    engine = open_engine(settings)
+    try:
+        assert engine.llm.llm_engine.vllm_config.model_config.enforce_eager is False
+        assert [g.text for g in engine.generate(prompts, greedy)] == [g.text for g in hf]
+        sampled = SamplingSettings(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)
+        seeds = [stream_seed(5, "s", i) for i in range(len(prompts))]
+        a = engine.generate(prompts, sampled, seeds)
+        assert [g.text for g in engine.generate(prompts[:3], sampled, seeds[:3])] == \
+            [g.text for g in a[:3]]
+    finally:
+        engine.close()
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_engine_processes_preload_tcmalloc_where_installed(vllm_tiny_dir, monkeypatch):
+    import os
+
+    import psutil
+
+    from selfplay.engines import vllm as engine_module
+    if engine_module._tcmalloc() is None:
+        pytest.skip("no tcmalloc on this machine (Debian: apt-get install libtcmalloc-minimal4)")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    engine = open_engine(ModelSettings(model_name_or_path=str(vllm_tiny_dir), engine="vllm",
+                                       device="cpu", dtype="float32"))
+    try:
+        assert engine.allocator == "tcmalloc"
+        assert "LD_PRELOAD" not in os.environ                 # ours is left as it was
+        workers = psutil.Process().children(recursive=True)
+        assert workers
+        for p in workers:
+            assert "tcmalloc" in open(f"/proc/{p.pid}/maps").read(), p.name()
+    finally:
+        engine.close()
+    monkeypatch.setenv("SELFPLAY_TCMALLOC", "0")
+    assert engine_module._tcmalloc() is None
 
 
 @needs_vllm

@@ -47,7 +47,7 @@ RESUMABLE_KEYS = {"force", "from_iteration", "resume", "overwrite", "device", "b
                   "report_to", "wandb_project",
                   # Greedy answers are the same tokens in either engine (tested); each stage's
                   # output records which one ran.
-                  "engine", "tensor_parallel_size", "vllm_kv_cache_gib"}
+                  "engine", "tensor_parallel_size", "vllm_kv_cache_gib", "vllm_compile"}
 
 
 def opt(default: Any, help: str, commands, *, choices: tuple | None = None,
@@ -86,6 +86,11 @@ class ModelSettings:
                                     {"generate", "evaluate", "run"})
     vllm_kv_cache_gib: float = opt(0.0, "vLLM: KV cache size in GiB (0: 2 GiB on CPU; on GPU "
                                    "vLLM's share of free memory).", {"generate", "evaluate", "run"})
+    vllm_compile: str = opt("auto", "vLLM: torch.compile the model. auto: on a GPU yes, on a CPU "
+                            "no: there it adds about 80 s to each engine start and gains 8% "
+                            "tokens/s (14% without tcmalloc), so it pays for passes of more than "
+                            "~15 minutes (docs/benchmarks.md).", {"generate", "evaluate", "run"},
+                            choices=("auto", "true", "false"))
 
     def inference_batch_size(self) -> int:
         """--batch_size, or 0's default: larger on a GPU (measured in bench/)."""

@@ -51,7 +51,8 @@ def open_engine(model, *, seed: int = 42, process_index: int = 0,
     try:
         return VllmEngine(model.model_name_or_path, model.device, dtype, seed=seed,
                           tensor_parallel_size=model.tensor_parallel_size,
-                          kv_cache_gib=model.vllm_kv_cache_gib, process_index=process_index,
+                          kv_cache_gib=model.vllm_kv_cache_gib, compile=model.vllm_compile,
+                          process_index=process_index,
                           num_processes=num_processes)
     except SelfplayError as e:
         if model.engine != "auto":

