@@ -125,6 +125,7 @@ def test_compiled_engine_gives_the_eager_tokens(vllm_tiny_dir):
 @pytest.mark.vllm
 def test_engine_processes_preload_tcmalloc_where_installed(vllm_tiny_dir, monkeypatch):
     import os
+    from pathlib import Path
 
     import psutil
 
@@ -140,7 +141,7 @@ def test_engine_processes_preload_tcmalloc_where_installed(vllm_tiny_dir, monkey
         workers = psutil.Process().children(recursive=True)
         assert workers
         for p in workers:
-            assert "tcmalloc" in open(f"/proc/{p.pid}/maps").read(), p.name()
+            assert "tcmalloc" in Path(f"/proc/{p.pid}/maps").read_text(), p.name()
     finally:
         engine.close()
     monkeypatch.setenv("SELFPLAY_TCMALLOC", "0")

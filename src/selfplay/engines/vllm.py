@@ -90,20 +90,20 @@ class VllmEngine:
         path = _model_dir(spec)
         self.tokenizer = load_tokenizer(spec)
         dev = pick_device(device)
-        kwargs: dict = {}
+        # auto: vLLM's compile on a GPU; on a CPU it costs more start than it saves for most passes
+        kwargs: dict = {"enforce_eager": compile == "false" or (compile == "auto" and
+                                                                dev.type == "cpu")}
         if dev.type == "cpu":
             _cpu_environment(process_index, num_processes)
             # Per-request seeds crash vLLM's CPU sampler ("CPU Generator does not use offset")
             # unless a whole batch's prefill fits one step.
-            kwargs.update(enforce_eager=compile != "true", max_num_batched_tokens=32768,
+            kwargs.update(max_num_batched_tokens=32768,
                           kv_cache_memory_bytes=int((kv_cache_gib or 2.0) * 2**30))
         else:
             if num_processes > 1 and tensor_parallel_size == 1:
                 # One engine per process, each on its own GPU (data parallel, as SPPO's scripts).
                 os.environ["CUDA_VISIBLE_DEVICES"] = str(
                     int(os.environ.get("LOCAL_RANK", process_index)))
-            if compile == "false":
-                kwargs["enforce_eager"] = True
             if kv_cache_gib:
                 kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         # The engine's processes, spawned by LLM(), inherit LD_PRELOAD; ours gets it back.
