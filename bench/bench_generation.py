@@ -9,12 +9,15 @@ vllm      engines/vllm.py (when vLLM is installed), in the model's dtype and in 
           (SELFPLAY_TCMALLOC=0); each engine's start is timed apart from its generation
 K = 5     with --samples 5: five sampled answers per prompt (temperature 0.7, top_p 0.9, as
           SPPO samples), our HF engine against vLLM
+rounds    with --rounds N: only our HF engine (default batch) and vLLM as `--engine vllm` runs
+          it, N times in alternating order (a fresh vLLM engine each round), so that the ratio
+          comes with a 95% interval from paired rounds rather than one run on a shared machine
 
 Tokens/s counts generated tokens up to each response's end-of-turn token, the same way for all.
 Greedy outputs should agree; the script prints how many do.
 
     python bench/bench_generation.py [--prompts 256] [--max_new_tokens 256] [--samples 5]
-                                     [--json out.json]
+                                     [--rounds 4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from selfplay.engines.base import SamplingSettings, stop_token_ids, stream_seed
 from selfplay.engines.hf import generate
 from selfplay.models import load_model
 from selfplay.rendering import prompt_ids
+from selfplay.stats import ratio_interval
 
 
 def official(model, tok, prompts, max_new_tokens, batch_size=16):
@@ -68,6 +72,8 @@ def main() -> None:
     ap.add_argument("--sampling_only", action="store_true", help="with --samples: only the "
                     "sampled ways")
     ap.add_argument("--no_vllm", action="store_true")
+    ap.add_argument("--rounds", type=int, default=0, help="paired rounds of our HF engine "
+                    "against vLLM's default, for the ratio's interval (needs vLLM)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
@@ -97,6 +103,8 @@ def main() -> None:
         f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
     print(f"{args.prompts} task-suite prompts, max_new_tokens {args.max_new_tokens}, greedy, "
           f"{model.dtype}, {device}\n")
+    if args.rounds:
+        return rounds(args, model, tok, prompts, big, ours, device)
     greedy_ways = not (args.samples and args.sampling_only)
     if greedy_ways:
         timed("official (batch 16)", lambda: official(model, tok, prompts, args.max_new_tokens))
@@ -176,6 +184,48 @@ def main() -> None:
             json.dump({"device": device, "args": vars(args),
                        "results": {k: {kk: vv for kk, vv in v.items() if kk != "texts"}
                                    for k, v in results.items()}}, fh, indent=2)
+
+
+def rounds(args, model, tok, prompts, big, ours, device) -> None:
+    """Our HF engine against vLLM's default, in paired rounds of alternating order."""
+    if not vllm_installed():
+        raise SystemExit("--rounds compares against vLLM, which is not installed here")
+    from selfplay.engines.vllm import VllmEngine
+    greedy = SamplingSettings(args.max_new_tokens)
+
+    def hf():
+        t = time.perf_counter()
+        texts, n = ours(big)
+        return texts, n / (time.perf_counter() - t)
+
+    def vllm():
+        engine = VllmEngine(args.model, str(model.device.type), str(model.dtype)[6:])
+        t = time.perf_counter()
+        gens = engine.generate(prompts, greedy, desc="vllm")
+        rate = sum(g.n_tokens for g in gens) / (time.perf_counter() - t)
+        engine.close()
+        return [g.text for g in gens], rate
+
+    table = []
+    for r in range(args.rounds):
+        order = (("hf", hf), ("vllm", vllm)) if r % 2 == 0 else (("vllm", vllm), ("hf", hf))
+        got = {name: fn() for name, fn in order}
+        same = sum(a == b for a, b in zip(got["hf"][0], got["vllm"][0]))
+        row = {"order": [name for name, _ in order], "hf_tokens_per_s": got["hf"][1],
+               "vllm_tokens_per_s": got["vllm"][1], "ratio": got["vllm"][1] / got["hf"][1],
+               "same_text": same}
+        table.append(row)
+        print(f"round {r + 1} ({' then '.join(row['order'])}): HF engine "
+              f"{row['hf_tokens_per_s']:.1f} tok/s, vLLM {row['vllm_tokens_per_s']:.1f} tok/s, "
+              f"{row['ratio']:.2f}x, same text {same}/{len(prompts)}", flush=True)
+    gm, lo, hi = ratio_interval([row["ratio"] for row in table])
+    print(f"\nvLLM / HF engine over {args.rounds} paired rounds: {gm:.2f}x "
+          f"(95% interval {lo:.2f}x to {hi:.2f}x; rounds {min(r['ratio'] for r in table):.2f}x "
+          f"to {max(r['ratio'] for r in table):.2f}x)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": device, "args": vars(args), "rounds": table,
+                       "ratio_geomean": gm, "ratio_95_interval": [lo, hi]}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,22 @@ def generation(d: dict) -> str:
     return "\n".join(lines)
 
 
+def generation_rounds(d: dict) -> str:
+    a = d["args"]
+    lines = [f"{a['prompts']} task-suite prompts, max_new_tokens {a['max_new_tokens']}, greedy, "
+             f"{len(d['rounds'])} paired rounds; {d['device']}.", "",
+             "| round | order | HF engine tokens/s | vLLM tokens/s | vLLM / HF | same text in both |",
+             "|---|---|---|---|---|---|"]
+    for i, r in enumerate(d["rounds"], 1):
+        lines.append(f"| {i} | {' then '.join(r['order'])} | {r['hf_tokens_per_s']:.1f} "
+                     f"| {r['vllm_tokens_per_s']:.1f} | {r['ratio']:.2f}x "
+                     f"| {r['same_text']}/{a['prompts']} |")
+    lo, hi = d["ratio_95_interval"]
+    lines.append(f"| geometric mean | | | | **{d['ratio_geomean']:.2f}x** "
+                 f"(95% interval {lo:.2f}x to {hi:.2f}x) | |")
+    return "\n".join(lines)
+
+
 def training(d: dict) -> str:
     a = d["args"]
     by = {r["name"]: r for r in d["results"]}
@@ -77,6 +93,8 @@ def table(d: dict) -> str | None:
         return precision(d)
     if d.get("bench") == "pairrm":
         return pairrm(d)
+    if "rounds" in d:
+        return generation_rounds(d)
     if "args" not in d:
         return None          # bench_scale, bench_vllm_scoring: docs quote their own output
     return generation(d) if "device" in d and "prompts" in d["args"] else training(d)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from selfplay.stats import paired_change, sign_test, wilson_interval
+from selfplay.stats import paired_change, ratio_interval, sign_test, wilson_interval
 
 
 def test_wilson_interval_by_hand():
@@ -22,6 +22,18 @@ def test_wilson_interval_at_the_edges():
     assert lo == 0.0 and hi == pytest.approx(3.841459 / 13.841459, abs=1e-6)
     assert wilson_interval(10, 10)[1] == 1.0             # exactly: a plot's error bar is ≥ 0
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_ratio_interval_by_hand():
+    # logs ±0.1 around log 3: mean log 3, sd 0.1155 (n − 1 = 3), t 3.182, half 0.1837
+    gm, lo, hi = ratio_interval([3 * math.exp(d) for d in (-0.1, 0.1, -0.1, 0.1)])
+    assert gm == pytest.approx(3.0)
+    half = 3.182 * math.sqrt(4 * 0.01 / 3) / 2
+    assert (lo, hi) == pytest.approx((3 * math.exp(-half), 3 * math.exp(half)))
+    assert ratio_interval([2.0, 2.0])[1:] == (2.0, 2.0)       # no spread, no width
+    assert all(math.isnan(x) for x in ratio_interval([2.0])[1:])
+    with pytest.raises(ValueError):
+        ratio_interval([1.0, 0.0])
 
 
 def test_sign_test_by_hand():

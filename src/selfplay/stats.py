@@ -1,5 +1,6 @@
 """The statistics every evaluation reports: an accuracy's 95% interval, and a paired test of a
-change on the same prompts. Pure functions of counts.
+change on the same prompts; and the interval of a speed ratio measured in paired rounds
+(bench/). Pure functions of counts and measurements.
 """
 
 from __future__ import annotations
@@ -27,6 +28,32 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     # At k = 0 and k = n one end is exactly 0 or 1; rounding must not put it just inside.
     return (0.0 if correct == 0 else max(0.0, centre - half),
             1.0 if correct == n else min(1.0, centre + half))
+
+
+# Student's t, 97.5% quantiles by degrees of freedom.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of n paired speed ratios and its 95% t-interval, on the log scale:
+
+        m = mean(log r),  s = sd(log r),  exp(m ± t₀.₉₇₅(n − 1) s / √n)
+
+    Logs, because a ratio's noise is multiplicative and 2x and 0.5x should cancel. With one
+    round there is no interval (NaN ends). Degrees of freedom between or past the table's rows
+    take the next smaller row's quantile (wider, so never an optimistic interval).
+    """
+    if not ratios or any(r <= 0 for r in ratios):
+        raise ValueError("ratio_interval needs positive ratios")
+    logs = [math.log(r) for r in ratios]
+    n = len(logs)
+    m = sum(logs) / n
+    if n == 1:
+        return math.exp(m), math.nan, math.nan
+    s = math.sqrt(sum((x - m) ** 2 for x in logs) / (n - 1))
+    half = T975[max(k for k in T975 if k <= n - 1)] * s / math.sqrt(n)
+    return math.exp(m), math.exp(m - half), math.exp(m + half)
 
 
 def sign_test(gained: int, lost: int) -> float:
