@@ -30,7 +30,8 @@ def generation_rounds(d: dict) -> str:
     a = d["args"]
     lines = [f"{a['prompts']} task-suite prompts, max_new_tokens {a['max_new_tokens']}, greedy, "
              f"{len(d['rounds'])} paired rounds; {d['device']}.", "",
-             "| round | order | HF engine tokens/s | vLLM tokens/s | vLLM / HF | same text in both |",
+             ("| round | order | HF engine tokens/s | vLLM tokens/s | vLLM / HF "
+              "| same text in both |"),
              "|---|---|---|---|---|---|"]
     for i, r in enumerate(d["rounds"], 1):
         lines.append(f"| {i} | {' then '.join(r['order'])} | {r['hf_tokens_per_s']:.1f} "
