@@ -7,7 +7,8 @@ import pytest
 
 from selfplay.config import ConvertSettings
 from selfplay.data.formats import prompt_hash, read_examples
-from selfplay.data.shards import shard_name, write_jsonl_atomic
+from selfplay.data.shards import shard_name
+from selfplay.io import write_jsonl_atomic
 from selfplay.errors import SelfplayError
 from selfplay.stages.convert import convert as _convert
 

@@ -350,7 +350,8 @@ def test_a_prompt_longer_than_max_prompt_length_is_cut_as_training_cuts_it(tiny_
 
 
 def test_empty_generated_answers_are_counted_in_convert(tmp_path, capsys):
-    from selfplay.data.shards import shard_name, write_jsonl_atomic
+    from selfplay.data.shards import shard_name
+    from selfplay.io import write_jsonl_atomic
     gen = tmp_path / "gen"
     rows = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"Q{i}?"}],
              "reference": f"A{i}.", "responses": [["gen", ""][i % 2]], "response_tokens": [1],

@@ -12,7 +12,8 @@ import torch
 from conftest import write_jsonl
 from selfplay.cli import main
 from selfplay.data.formats import prompt_hash
-from selfplay.data.shards import fraction, process_slice, read_jsonl
+from selfplay.data.shards import fraction, process_slice
+from selfplay.io import read_jsonl
 from selfplay.engines.hf import SamplingSettings, generate
 from selfplay.logprobs import response_logps, score_texts
 from selfplay.rendering import collate, encode

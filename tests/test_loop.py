@@ -129,7 +129,7 @@ def test_forced_change_redoes_what_it_feeds_and_records_it(tiny_model_dir, finis
 
 
 def test_affected_stages_follow_the_keys():
-    from selfplay.stages.run import affected_stages
+    from selfplay.config import affected_stages
     order = ["base/evaluate", "sft/train", "sft/evaluate"] + [
         f"iter{t}/{s}" for t in (0, 1) for s in ("generate", "convert", "train", "evaluate")]
     base = {"learning_rate": 1e-6, "iterations": [], "sft_epochs": 1.0, "temperature": 0.0,

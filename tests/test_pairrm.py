@@ -410,7 +410,8 @@ def test_judge_compares_all_pairs_of_all_prompts_in_one_run(tiny_pairrm_dir, mon
 
 def test_rank_command_with_pairrm(tiny_pairrm_dir, tmp_path):
     from selfplay.cli import main
-    from selfplay.data.shards import shard_name, write_jsonl_atomic
+    from selfplay.data.shards import shard_name
+    from selfplay.io import write_jsonl_atomic
     gen = tmp_path / "gen"
     gen.mkdir()
     rows = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"What is {i} + 1?"}],

@@ -32,7 +32,7 @@ def test_default_model_trains_and_its_checkpoint_generates(real_pairs, tmp_path,
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "--max_prompts", "2", "--max_new_tokens", "24",
                  "--output_dir", str(tmp_path / "gen")]) == 0
-    from selfplay.data.shards import read_jsonl
+    from selfplay.io import read_jsonl
     rows = read_jsonl(next((tmp_path / "gen").glob("*.jsonl")))
     assert all(r["responses"][0].strip() for r in rows)
     print(mode, repr(rows[0]["responses"][0]))

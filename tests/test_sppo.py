@@ -188,7 +188,8 @@ def test_sppo_resume_after_rank(tiny_model_dir, sppo_run, tmp_path):
 
 def test_rank_command_and_ties(tiny_model_dir, tmp_path):
     from selfplay.config import ConvertSettings
-    from selfplay.data.shards import shard_name, write_jsonl_atomic
+    from selfplay.data.shards import shard_name
+    from selfplay.io import write_jsonl_atomic
     from selfplay.stages.convert import convert
     gen = tmp_path / "gen"
     gen.mkdir()

@@ -79,7 +79,8 @@ def test_training_raises_margins_and_saves_a_loadable_checkpoint(tiny_model_dir,
 def test_stored_reference_equals_computed(tiny_model_dir, tmp_path, precision):
     """Pairs scored at generation time and pairs without scores train identically; under
     --bf16, scoring runs in the autocast training runs in."""
-    from selfplay.data.shards import shard_name, write_jsonl_atomic
+    from selfplay.data.shards import shard_name
+    from selfplay.io import write_jsonl_atomic
     gen = tmp_path / "gen"
     gen.mkdir()
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["real"][:1],
@@ -109,7 +110,8 @@ def test_stored_reference_is_used_by_weights_not_by_name(tiny_model_dir, tmp_pat
     import shutil
 
     from conftest import make_tiny_model
-    from selfplay.data.shards import shard_name, write_jsonl_atomic
+    from selfplay.data.shards import shard_name
+    from selfplay.io import write_jsonl_atomic
     scorer = tmp_path / "scorer"
     shutil.copytree(tiny_model_dir, scorer)
     gen = tmp_path / "gen"

@@ -160,7 +160,7 @@ def test_adapter_only_checkpoint_is_refused(tmp_path):
 @pytest.mark.vllm
 def test_one_iteration_run_with_vllm(vllm_tiny_dir, tmp_path):
     from selfplay.cli import main
-    from selfplay.data.shards import read_jsonl
+    from selfplay.io import read_jsonl
 
     out = tmp_path / "run"
     assert main(["run", "--model", str(vllm_tiny_dir), "--engine", "vllm", "--device", "cpu",
@@ -185,7 +185,7 @@ def test_accelerate_launch_gives_each_process_its_engine(vllm_tiny_dir, tmp_path
     import subprocess
     import sys
 
-    from selfplay.data.shards import read_jsonl
+    from selfplay.io import read_jsonl
 
     out = tmp_path / "gen"
     res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",

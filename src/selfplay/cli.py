@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from selfplay.config import Config, format_help, load_config
-from selfplay.data.shards import writable_dir
 from selfplay.errors import SelfplayError
+from selfplay.io import writable_dir
 
 
 @dataclass
@@ -38,7 +38,7 @@ def cmd_info(cfg: Config, args: list[str]) -> int:
     import torch
 
     from selfplay import models
-    from selfplay.stages.run import package_version
+    from selfplay.manifest import package_version
     print("selfplay", md.version("selfplay"))
     print("python", sys.version.split()[0])
     for pkg in ("torch", "transformers", "accelerate", "peft", "datasets", "pyarrow", "gguf",
@@ -103,15 +103,14 @@ def cmd_convert(cfg: Config, args: list[str]) -> int:
 
 
 def cmd_evaluate(cfg: Config, args: list[str]) -> int:
-    from selfplay.data.shards import write_json_atomic
     from selfplay.stages.evaluate import evaluate_models, format_table
 
     base = cfg.evaluation.baseline
     result = evaluate_models(cfg.model, cfg.data, cfg.generation.max_new_tokens, cfg.scoring,
                              cfg.evaluation)
     out = Path(cfg.job.output_dir)
-    write_json_atomic(out / "eval.json", result)
-    print(format_table(result, result.get("baseline"),
+    result.write(out / "eval.json")
+    print(format_table(result, result.baseline,
                        name=Path(cfg.model.model_name_or_path).name[:10] or "model",
                        baseline_name=Path(base).name[:10] if base else ""))
     print(f"\nwrote {out / 'eval.json'}")
@@ -173,8 +172,8 @@ def cmd_compare(cfg: Config, args: list[str]) -> int:
 
 
 def cmd_tasks(cfg: Config, args: list[str]) -> int:
-    from selfplay.data.shards import write_jsonl_atomic, write_parquet_atomic
     from selfplay.data.tasks import FAMILIES, SPLITS, split_rows
+    from selfplay.io import write_jsonl_atomic, write_parquet_atomic
 
     action, out = args
     if action != "export":

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -25,18 +24,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import accelerate
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from selfplay.config import LoraSettings, ModelSettings, TrainingSettings
-from selfplay.data.run_layout import ModelLayout
-from selfplay.data.shards import write_json_atomic
+from selfplay.config import (
+    LoraSettings,
+    ModelSettings,
+    TrainingSettings,
+    changes,
+    describe_changes,
+    recipe_of,
+)
+from selfplay.data.run_paths import ModelPaths
 from selfplay.errors import SelfplayError
+from selfplay.io import write_json_atomic
+from selfplay.launch import training_accelerator
 from selfplay.logprobs import ResponseLogProbs
 from selfplay.models import load_for_training, save_trained
 from selfplay.tracking import Trackers
@@ -47,59 +52,11 @@ StepFn = Callable[[Callable[..., Any], list[int]],
                   tuple[torch.Tensor, dict[str, torch.Tensor], int]]
 
 
-def check_launch(state, trains: bool = False) -> None:
-    """Refuse a launch that would not do what it asks for. accelerate shards (FSDP, DeepSpeed)
-    only on accelerators: on a machine without one, a sharding config runs as plain
-    data-parallel processes (use_cpu: true) or as N processes that each think they are alone
-    (use_cpu: false), each with the whole model, all writing the same outputs. `trains`: the
-    state is the trainer's (only it knows whether sharding took effect)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and state.num_processes == 1:
-        raise SelfplayError(
-            f"launched as {world} processes, but accelerate formed no process group here "
-            f"(distributed type {state.distributed_type.name}): each would work alone and "
-            "write the same outputs; without a GPU, launch with --multi_gpu (or use_cpu: true "
-            "in the config).")
-    for env, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
-        if trains and world > 1 and os.environ.get(env, "").lower() == "true" \
-                and state.distributed_type.name != kind:
-            raise SelfplayError(
-                f"the accelerate config asks for {kind}, but accelerate {accelerate.__version__} "
-                f"runs {state.distributed_type.name} here (it shards only on GPUs and other "
-                "accelerators), so the model would not be sharded; on CPU, launch with "
-                "recipes/accelerate/multi_gpu.yaml, which is what would run.")
-
-
 def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
-          out: ModelLayout, seed: int):
+          out: ModelPaths, seed: int):
     """(accelerator, trainable model, tokenizer): devices and process group, the seed, the
     model built for training (full, LoRA, QLoRA)."""
-    # A training's precision and plugins are its own: in one process (the stages of `selfplay
-    # run`, a notebook, the tests) the last training's state would refuse another mixed
-    # precision. The process group (PartialState) is kept.
-    AcceleratorState._reset_state()
-    # Without a GPU, accelerate's CPU path; but a DeepSpeed launch of one process keeps
-    # DeepSpeed, which has its own CPU accelerator, and so runs ZeRO-3's real code (how the
-    # tests reach it without a GPU). Several processes would form no group under it: on the
-    # CPU path they run MULTI_CPU, which check_launch refuses in words that say so.
-    deepspeed = (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-                 and int(os.environ.get("WORLD_SIZE", "1")) == 1)
-    try:
-        accelerator = Accelerator(
-            cpu=model.device == "cpu" or (not torch.cuda.is_available() and not deepspeed),
-            mixed_precision="bf16" if model.bf16 else "no",
-            gradient_accumulation_steps=training.gradient_accumulation_steps)
-    except RuntimeError as e:   # an FSDP (v1) config on a machine without an accelerator
-        # accelerate's words for it change between releases ("no available devices", "not
-        # supported on cpu"): the launcher's flag and the missing device are what tell it
-        if (os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true")
-                or torch.cuda.is_available()):
-            raise
-        raise SelfplayError(
-            f"the accelerate config asks for FSDP, but accelerate {accelerate.__version__} "
-            f"cannot shard here ({e}); on CPU, launch with recipes/accelerate/multi_gpu.yaml "
-            "(data parallel).") from None
-    check_launch(accelerator.state, trains=True)
+    accelerator = training_accelerator(model, training)
     set_seed(seed)
     out.root.mkdir(parents=True, exist_ok=True)
     lm, tok = load_for_training(model.model_name_or_path, model.dtype, lora, accelerator.device,
@@ -142,7 +99,7 @@ def _optimizer(training: TrainingSettings, params):
     return torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
 
 
-def _checkpoints(out: ModelLayout) -> list[Path]:
+def _checkpoints(out: ModelPaths) -> list[Path]:
     d = out.checkpoints
     return sorted(p for p in d.glob("step-*") if (p / "trainer_state.json").exists()) \
         if d.exists() else []
@@ -165,7 +122,7 @@ class Run:
 
 
 def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
-            training: TrainingSettings, chunk_size: int, out: ModelLayout, seed: int,
+            training: TrainingSettings, chunk_size: int, out: ModelPaths, seed: int,
             before_restore: Callable[[torch.nn.Module], None] | None = None) -> Run:
     """Wrap, plan and (with training.resume) restore; `lengths` are the items' token counts.
     `before_restore` gets the wrapped log-prob module while it still holds the starting
@@ -213,32 +170,26 @@ def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
                total, step, recipe)
 
 
-# Options that change nothing a checkpoint holds or the updates still to come compute.
-_NOT_RECIPE = {"resume", "logging_steps", "save_steps", "gradient_checkpointing",
-               "report_to", "wandb_project"}
-
-
 def _recipe(training: TrainingSettings, lengths: list[int], seed: int,
             processes: int) -> dict[str, Any]:
     """The training options, seed, process count and data (as its items' token counts, a
     cheap fingerprint) that a resumed training must share with its checkpoint."""
     data = hashlib.sha256(json.dumps(lengths).encode()).hexdigest()[:16]
-    return {**{k: v for k, v in dataclasses.asdict(training).items() if k not in _NOT_RECIPE},
+    return {**recipe_of(dataclasses.asdict(training)),
             "seed": seed, "processes": processes, "items": len(lengths), "data": data}
 
 
 def _same_recipe(old: dict[str, Any], new: dict[str, Any], checkpoint: Path) -> None:
     """Refuse to resume a checkpoint under other options: the run would mix two recipes."""
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diff = changes(old, new)
     if diff:
         raise SelfplayError(
-            f"{checkpoint} was made with other options ("
-            + "; ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
-            + "); resume with the same options, or pass --overwrite to start over; nothing "
-            "was deleted.")
+            f"{checkpoint} was made with other options ({describe_changes(old, new, diff)}); "
+            "resume with the same options, or pass --overwrite to start over; nothing was "
+            "deleted.")
 
 
-def loop(r: Run, training: TrainingSettings, out: ModelLayout, step_fn: StepFn) -> int:
+def loop(r: Run, training: TrainingSettings, out: ModelPaths, step_fn: StepFn) -> int:
     """Train from update r.step to r.total; returns the last update's number."""
     acc_, main = r.accelerator, r.accelerator.is_main_process
     dev, rank, world = acc_.device, acc_.process_index, acc_.num_processes
@@ -312,7 +263,7 @@ def loop(r: Run, training: TrainingSettings, out: ModelLayout, step_fn: StepFn) 
 
 
 def _stop_if_not_finite(accelerator, losses: torch.Tensor, norm: torch.Tensor, update: int,
-                        out: ModelLayout) -> None:
+                        out: ModelPaths) -> None:
     """Stop before an update whose loss or gradient norm is not finite on any process: a
     broken model is never stepped into, saved, or marked complete."""
     bad = (~torch.isfinite(losses)).any() | ~torch.isfinite(norm)
@@ -327,7 +278,7 @@ def _stop_if_not_finite(accelerator, losses: torch.Tensor, norm: torch.Tensor, u
         "or look for broken rows in the data.")
 
 
-def _save_checkpoint(accelerator, out: ModelLayout, step: int, recipe: dict[str, Any]) -> None:
+def _save_checkpoint(accelerator, out: ModelPaths, step: int, recipe: dict[str, Any]) -> None:
     final = out.checkpoint(step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -340,7 +291,7 @@ def _save_checkpoint(accelerator, out: ModelLayout, step: int, recipe: dict[str,
     accelerator.wait_for_everyone()
 
 
-def save_final(r: Run, lora: LoraSettings, base_spec: str, out: ModelLayout,
+def save_final(r: Run, lora: LoraSettings, base_spec: str, out: ModelPaths,
                record: dict[str, Any]) -> None:
     """The trained model in out.root, `record` in training_complete.json, checkpoints gone."""
     acc_ = r.accelerator
@@ -357,7 +308,7 @@ def save_final(r: Run, lora: LoraSettings, base_spec: str, out: ModelLayout,
     acc_.wait_for_everyone()
 
 
-def skip_if_complete(out: ModelLayout, overwrite: bool) -> bool:
+def skip_if_complete(out: ModelPaths, overwrite: bool) -> bool:
     """True when out holds a finished model to keep (nothing is trained or deleted)."""
     if out.complete.exists() and not overwrite:
         print(f"{out.root} holds a finished model; skipping (--overwrite to train again).",
@@ -366,13 +317,13 @@ def skip_if_complete(out: ModelLayout, overwrite: bool) -> bool:
     return False
 
 
-def _ours(out: ModelLayout) -> bool:
+def _ours(out: ModelPaths) -> bool:
     """Proof that we wrote out.root: our marker, or (from before markers) our own records."""
     return out.marker.exists() or out.complete.exists() or out.log.exists() or \
         out.checkpoints.exists()
 
 
-def claim(accelerator: Accelerator, out: ModelLayout, *, overwrite: bool, resume: bool) -> None:
+def claim(accelerator: Accelerator, out: ModelPaths, *, overwrite: bool, resume: bool) -> None:
     """Take out.root for this training, once its inputs are read and valid.
 
     Never deletes what we did not write: a directory holding other files is refused. With

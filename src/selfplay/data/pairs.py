@@ -26,8 +26,9 @@ from typing import Any
 
 from selfplay.config import DataSettings
 from selfplay.data.formats import Example, ReadResult, read_examples, report_read
-from selfplay.data.shards import write_parquet_atomic
 from selfplay.errors import SelfplayError
+from selfplay.io import write_parquet_atomic
+
 
 @dataclass(frozen=True)
 class ScoreStamp:

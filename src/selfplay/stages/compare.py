@@ -15,17 +15,16 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from selfplay.data.run_layout import RunLayout
+from selfplay.data.run_paths import RunPaths
 from selfplay.errors import SelfplayError
-from selfplay.stages.report import (ModelRow, accuracy_band, accuracy_cell, change_cell,
-                                   correct, load_models)
+from selfplay.stages.report import ModelRow, accuracy_band, accuracy_cell, change_cell, load_models
 from selfplay.stats import paired_change
 
 
-def _arm_name(layout: RunLayout) -> str:
-    recipe = json.loads(layout.manifest.read_text()).get("recipe", {}) \
-        if layout.manifest.exists() else {}
-    return f"{layout.root.name} ({recipe.get('method', '?')})"
+def _arm_name(paths: RunPaths) -> str:
+    recipe = json.loads(paths.manifest.read_text()).get("recipe", {}) \
+        if paths.manifest.exists() else {}
+    return f"{paths.root.name} ({recipe.get('method', '?')})"
 
 
 def aligned(models: list[ModelRow]) -> list[ModelRow]:
@@ -41,8 +40,8 @@ def compare(run_dirs: list[Path], out_dir: Path) -> str:
     """Write OUT/compare.md and OUT/compare.png; return the table."""
     if len(run_dirs) < 2:
         raise SelfplayError("compare needs at least two run directories.")
-    layouts = [RunLayout(Path(d)) for d in run_dirs]
-    arms = {_arm_name(lay): aligned(load_models(lay)) for lay in layouts}
+    runs = [RunPaths(Path(d)) for d in run_dirs]
+    arms = {_arm_name(p): aligned(load_models(p)) for p in runs}
     names = list(arms)
     steps = max(len(models) for models in arms.values())
     first = arms[names[0]]
@@ -54,7 +53,8 @@ def compare(run_dirs: list[Path], out_dir: Path) -> str:
         row += [accuracy_cell(m[i].eval) if i < len(m) else "–" for m in arms.values()]
         for n in names[1:]:
             other = arms[n]
-            row.append(change_cell(vars(paired_change(correct(other[i]), correct(first[i]))))
+            row.append(change_cell(paired_change(other[i].eval.correct(),
+                                                 first[i].eval.correct()))
                        if i < len(other) and i < len(first) else "–")
         lines.append("| " + " | ".join(row) + " |")
     table = "\n".join(lines)
@@ -83,6 +83,6 @@ def compare(run_dirs: list[Path], out_dir: Path) -> str:
             "was wrong, ↓ the reverse), with an exact sign test.", "", table, "",
             "![compare](compare.png)", ""]
     body += [f"- {n}: `{lay.root}`; θ_0 is its {arms[n][0].name} model"
-             for n, lay in zip(names, layouts)]
+             for n, lay in zip(names, runs)]
     (out_dir / "compare.md").write_text("\n".join(body) + "\n")
     return table

@@ -8,12 +8,12 @@ under the same truncation (max_length, max_prompt_length) as training sees.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
 from selfplay.config import DataSettings, EvaluationSettings, ModelSettings, ScoringSettings
+from selfplay.data.evaluations import EvalRow, Evaluation, FamilyScore
 from selfplay.data.formats import Example, held_out_split, read_for
 from selfplay.data.tasks import check
 from selfplay.engines import Engine, Generation, SamplingSettings, open_engine, scoring_model
@@ -44,8 +44,9 @@ def win_rate(ours: list[bool | None], theirs: list[bool | None]) -> float | None
 
 def evaluate(engine: Engine, examples: list[Example], max_new_tokens: int, batch_size: int,
              scoring: ScoringSettings, desc: str = "evaluate",
-             reference_likelihood: bool = True, loaded: ModelSettings | None = None) -> dict:
-    """Greedy generation on every prompt, then the measures; per-row results under `rows`.
+             reference_likelihood: bool = True, loaded: ModelSettings | None = None
+             ) -> Evaluation:
+    """Greedy generation on every prompt, then the measures, with a row per prompt.
     `loaded` names the engine's model, which measures reference likelihood."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0,
                                 batch_size=batch_size)
@@ -64,25 +65,20 @@ def evaluate(engine: Engine, examples: list[Example], max_new_tokens: int, batch
         if r is not None:
             fam[e.extra["family"]].append(r)
     checked = [r for r in right if r is not None]
-    return {
-        "n": len(examples),
-        "accuracy": (sum(checked) / len(checked)) if checked else None,
-        "accuracy_ci95": list(wilson_interval(sum(checked), len(checked))) if checked else None,
-        "per_family": {f: {"n": len(v), "accuracy": sum(v) / len(v),
-                           "ci95": list(wilson_interval(sum(v), len(v)))}
-                       for f, v in sorted(fam.items())},
-        "reference_logp_per_token": ref_logp,
-        "mean_response_tokens": sum(g.n_tokens for g in gens) / len(gens),
-        "truncated_share": sum(g.finish_reason == "length" for g in gens) / len(gens),
-        "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True,
-                     "engine": engine.name,
-                     "max_length": scoring.max_length,
-                     "max_prompt_length": scoring.max_prompt_length},
-        "rows": [{"prompt_id": e.prompt_id, "family": e.extra.get("family"),
-                  "answer": e.extra.get("answer"), "response": g.text, "n_tokens": g.n_tokens,
-                  "finish_reason": g.finish_reason, "correct": r}
-                 for e, g, r in zip(examples, gens, right)],
-    }
+    return Evaluation(
+        n=len(examples),
+        accuracy=(sum(checked) / len(checked)) if checked else None,
+        accuracy_ci95=list(wilson_interval(sum(checked), len(checked))) if checked else None,
+        per_family={f: FamilyScore(len(v), sum(v) / len(v), list(wilson_interval(sum(v), len(v))))
+                    for f, v in sorted(fam.items())},
+        reference_logp_per_token=ref_logp,
+        mean_response_tokens=sum(g.n_tokens for g in gens) / len(gens),
+        truncated_share=sum(g.finish_reason == "length" for g in gens) / len(gens),
+        settings={"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True,
+                  "engine": engine.name, "max_length": scoring.max_length,
+                  "max_prompt_length": scoring.max_prompt_length},
+        rows=[EvalRow(e.prompt_id, e.extra.get("family"), e.extra.get("answer"), g.text,
+                      g.n_tokens, g.finish_reason, r) for e, g, r in zip(examples, gens, right)])
 
 
 def answer_budget(tokenizer, examples: list[Example], cap: int, explicit: int = 0) -> int:
@@ -95,24 +91,23 @@ def answer_budget(tokenizer, examples: list[Example], cap: int, explicit: int = 
     return min(cap, max(32, -(-3 * longest // 32) * 16))
 
 
-def saved_rows(path: Path, prompt_ids: list[str]) -> list[dict]:
+def saved_rows(path: Path, prompt_ids: list[str]) -> list[EvalRow]:
     """The rows of a saved eval.json, checked to be the same prompts in the same order."""
-    try:
-        saved = json.loads(path.read_text())["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SelfplayError(f"--baseline {path} is not a readable eval.json with rows "
-                            f"({type(e).__name__}).") from None
-    if [r.get("prompt_id") for r in saved] != prompt_ids:
+    saved = Evaluation.read(path).rows or []
+    if [r.prompt_id for r in saved] != prompt_ids:
+        # Evaluations of selfplay before 08ba4b1 (2026-11-23) took a dataset's own prompt_id
+        # column; since, a prompt's id is the hash of its messages.
         raise SelfplayError(f"--baseline {path} evaluated other prompts than this evaluation "
-                            "(another split, size or seed; or it was written before prompt ids "
-                            "were hashes of the prompt: evaluate the baseline again); a paired "
-                            "comparison needs the same.")
+                            "(another split, size or seed; or it was written by selfplay before "
+                            "08ba4b1, 2026-11-23, whose prompt ids were not hashes of the "
+                            "prompt: evaluate the baseline again); a paired comparison needs "
+                            "the same.")
     return saved
 
 
 def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: int,
                     scoring: ScoringSettings, evaluation: EvaluationSettings,
-                    baseline_rows: list[dict] | None = None) -> dict:
+                    baseline_rows: list[EvalRow] | None = None) -> Evaluation:
     """Evaluate `model` on the held-out split of `data` (the suite's test split by default).
 
     With evaluation.baseline (a model, or a saved eval.json of the same prompts) or
@@ -129,7 +124,7 @@ def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: in
     if baseline.endswith(".json"):      # a saved evaluation: checked now, before any work
         baseline_rows = saved_rows(Path(baseline), [e.prompt_id for e in examples])
 
-    def run(spec: str, label: str) -> dict:
+    def run(spec: str, label: str) -> Evaluation:
         this = replace(model, model_name_or_path=spec)
         engine = open_engine(this)
         try:
@@ -138,63 +133,67 @@ def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: in
                          reference_likelihood=evaluation.reference_likelihood, loaded=this)
         finally:
             engine.close()
-        r["model"] = spec
+        r.model = spec
         return r
 
     result = run(model.model_name_or_path, "model")
     if evaluation.lm_eval_tasks:
-        result["lm_eval"] = harness(model, evaluation, model.inference_batch_size())
+        result.lm_eval = harness(model, evaluation, model.inference_batch_size())
     if baseline and not baseline.endswith(".json"):
         base = run(baseline, "baseline")
-        baseline_rows = base.pop("rows")
-        result["baseline"] = base
+        baseline_rows, base.rows = base.rows, None
+        result.baseline = base
     if baseline_rows is not None:
-        ours, theirs = [r["correct"] for r in result["rows"]], [r["correct"] for r in baseline_rows]
-        result["win_rate"] = win_rate(ours, theirs)
-        result["paired"] = vars(paired_change(ours, theirs))
-    result.update({"dataset": data.dataset, "split": split})
+        ours, theirs = result.correct(), [r.correct for r in baseline_rows]
+        result.win_rate = win_rate(ours, theirs)
+        result.paired = paired_change(ours, theirs)
+    result.dataset, result.split = data.dataset, split
     return result
 
 
-def format_table(result: dict, baseline: dict | None = None, name: str = "model",
+def format_table(result: Evaluation, baseline: Evaluation | None = None, name: str = "model",
                  baseline_name: str = "baseline") -> str:
     """A plain-text table: per-family accuracy, an overall row, and the other measures."""
     def pct(x):
         return "   -  " if x is None else f"{100 * x:5.1f}%"
 
-    fams = sorted(set(result["per_family"]) | set((baseline or {}).get("per_family", {})))
+    def fam(e: Evaluation, f: str) -> float | None:
+        return e.per_family[f].accuracy if f in e.per_family else None
+
+    fams = sorted(set(result.per_family) | set(baseline.per_family if baseline else {}))
     head = f"{'family':<12} {'n':>4}  {name:>10}" + (f"  {baseline_name:>10}" if baseline else "")
     lines = [head, "-" * len(head)]
     for f in fams:
-        r = result["per_family"].get(f, {})
-        line = f"{f:<12} {r.get('n', 0):>4}  {pct(r.get('accuracy')):>10}"
+        n = result.per_family[f].n if f in result.per_family else 0
+        line = f"{f:<12} {n:>4}  {pct(fam(result, f)):>10}"
         if baseline:
-            line += f"  {pct(baseline['per_family'].get(f, {}).get('accuracy')):>10}"
+            line += f"  {pct(fam(baseline, f)):>10}"
         lines.append(line)
-    line = f"{'overall':<12} {result['n']:>4}  {pct(result['accuracy']):>10}"
+    line = f"{'overall':<12} {result.n:>4}  {pct(result.accuracy):>10}"
     if baseline:
-        line += f"  {pct(baseline['accuracy']):>10}"
+        line += f"  {pct(baseline.accuracy):>10}"
     lines += ["-" * len(head), line]
-    if result.get("accuracy_ci95"):
-        lo, hi = result["accuracy_ci95"]
+    if result.accuracy_ci95:
+        lo, hi = result.accuracy_ci95
         lines.append(f"{'  95% interval':<17}  {100 * lo:.1f}-{100 * hi:.1f}%")
     lines.append("")
     rows = [("reference log-lik/token", "reference_logp_per_token", "{:.3f}"),
             ("mean response tokens", "mean_response_tokens", "{:.1f}"),
             ("cut by token limit", "truncated_share", "{:.1%}")]
 
-    def cell(r: dict, key: str, fmt: str) -> str:
-        return "-" if r.get(key) is None else fmt.format(r[key])    # not measured
+    def cell(e: Evaluation, key: str, fmt: str) -> str:
+        v = getattr(e, key)
+        return "-" if v is None else fmt.format(v)    # not measured
 
     for label, key, fmt in rows:
         line = f"{label:<24} {cell(result, key, fmt):>10}"
         if baseline:
             line += f"  {cell(baseline, key, fmt):>10}"
         lines.append(line)
-    if baseline and result.get("win_rate") is not None:
-        lines.append(f"{'win rate vs baseline':<24} {result['win_rate']:>10.1%}")
-    if result.get("paired"):        # against a baseline model or a saved evaluation
-        p = result["paired"]
-        lines.append(f"{'paired change':<24} {100 * p['delta']:+9.1f} pts ({p['gained']} gained, "
-                     f"{p['lost']} lost of {p['n']}; sign test p = {p['p_value']:.3g})")
+    if baseline and result.win_rate is not None:
+        lines.append(f"{'win rate vs baseline':<24} {result.win_rate:>10.1%}")
+    if result.paired:        # against a baseline model or a saved evaluation
+        p = result.paired
+        lines.append(f"{'paired change':<24} {100 * p.delta:+9.1f} pts ({p.gained} gained, "
+                     f"{p.lost} lost of {p.n}; sign test p = {p.p_value:.3g})")
     return "\n".join(lines)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import matplotlib
 
+from selfplay.data.evaluations import Evaluation
 from selfplay.data.pairs import ConvertReport, SplitReport
-from selfplay.data.run_layout import RunLayout
-from selfplay.data.shards import writable_dir
+from selfplay.data.run_paths import RunPaths
 from selfplay.errors import SelfplayError
-from selfplay.stats import paired_change
+from selfplay.io import read_jsonl, writable_dir
+from selfplay.stats import PairedChange, paired_change
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back end)
@@ -22,33 +23,33 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 class ModelRow:
     """One model of a run: its evaluation, its training log, and the pairs it trained on."""
     name: str
-    eval: dict
+    eval: Evaluation
     train: list[dict] = field(default_factory=list)
     pairs: SplitReport | None = None
 
 
-def load_models(layout: RunLayout) -> list[ModelRow]:
+def load_models(paths: RunPaths) -> list[ModelRow]:
     """One entry per model: θ_start, then θ_{t+1} of each finished iteration t."""
-    if not layout.base_eval.exists():
-        raise SelfplayError(f"{layout.root} holds no evaluation yet (base/eval.json); is it a "
+    if not paths.base_eval.exists():
+        raise SelfplayError(f"{paths.root} holds no evaluation yet (base/eval.json); is it a "
                             "run directory of `selfplay run`?")
-    models = [ModelRow("start", json.loads(layout.base_eval.read_text()))]
-    s = layout.sft
+    models = [ModelRow("start", Evaluation.read(paths.base_eval))]
+    s = paths.sft
     if s.eval.exists():
-        log = s.model.log
-        models.append(ModelRow("SFT", json.loads(s.eval.read_text()),
-                               [json.loads(x) for x in log.read_text().splitlines()]
-                               if log.exists() else []))
-    for t in layout.iterations():
-        it = layout.iteration(t)
+        models.append(ModelRow("SFT", Evaluation.read(s.eval), _train_log(s.model.log)))
+    for t in paths.iterations():
+        it = paths.iteration(t)
         if not it.eval.exists():
             continue
-        log, conv = it.model.log, it.convert_report
+        conv = it.convert_report
         models.append(ModelRow(
-            f"iteration {t}", json.loads(it.eval.read_text()),
-            [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else [],
+            f"iteration {t}", Evaluation.read(it.eval), _train_log(it.model.log),
             ConvertReport.read(conv).splits.get("train") if conv.exists() else None))
     return models
+
+
+def _train_log(log: Path) -> list[dict]:
+    return read_jsonl(log) if log.exists() else []
 
 
 def _pct(x) -> str:
@@ -62,24 +63,24 @@ def _num(x) -> str:
 def accuracy_band(models: list[ModelRow]) -> tuple[list[float], list[float], list[float]]:
     """Accuracy, and the low and high ends of its 95% interval, in percent, per model (an
     evaluation without an interval gives a band of zero width)."""
-    acc = [100 * (m.eval["accuracy"] or 0) for m in models]
-    ci = [m.eval.get("accuracy_ci95") or [a / 100] * 2 for m, a in zip(models, acc)]
+    acc = [100 * (m.eval.accuracy or 0) for m in models]
+    ci = [m.eval.accuracy_ci95 or [a / 100] * 2 for m, a in zip(models, acc)]
     return acc, [100 * c[0] for c in ci], [100 * c[1] for c in ci]
 
 
-def accuracy_cell(e: dict) -> str:
+def accuracy_cell(e: Evaluation) -> str:
     """`21.0% (15.9–27.2)`: the accuracy and its 95% Wilson interval."""
-    if e.get("accuracy") is None:
+    if e.accuracy is None:
         return "–"
-    ci = e.get("accuracy_ci95")
-    return _pct(e["accuracy"]) + (f" ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})" if ci else "")
+    ci = e.accuracy_ci95
+    return _pct(e.accuracy) + (f" ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})" if ci else "")
 
 
-def change_cell(p: dict | None) -> str:
+def change_cell(p: PairedChange | None) -> str:
     """`+3.5 pts (27↑ 16↓, p = 0.13)`: a paired change on the same prompts, sign test."""
-    if not p or not p.get("n"):     # no prompt checkable (a dataset without answers): no test
+    if not p or not p.n:     # no prompt checkable (a dataset without answers): no test
         return "–"
-    return f"{100 * p['delta']:+.1f} pts ({p['gained']}↑ {p['lost']}↓, p = {p['p_value']:.2g})"
+    return f"{100 * p.delta:+.1f} pts ({p.gained}↑ {p.lost}↓, p = {p.p_value:.2g})"
 
 
 def table(models: list[ModelRow]) -> str:
@@ -93,15 +94,10 @@ def table(models: list[ModelRow]) -> str:
                  f"| {_pct(tr['rewards/accuracies'])} |") if "rewards/margins" in tr else \
             (f"| {tr['loss']:.4f} | – | – |" if tr else "| – | – | – |")
         lines.append(
-            f"| {m.name} | {accuracy_cell(e)} | {change_cell(e.get('paired'))} "
-            f"| {_pct(e.get('win_rate'))} | {_num(e.get('reference_logp_per_token'))} "
-            f"| {e['mean_response_tokens']:.1f} | {_pct(e['truncated_share'])} " + train)
+            f"| {m.name} | {accuracy_cell(e)} | {change_cell(e.paired)} "
+            f"| {_pct(e.win_rate)} | {_num(e.reference_logp_per_token)} "
+            f"| {e.mean_response_tokens:.1f} | {_pct(e.truncated_share)} " + train)
     return "\n".join(lines)
-
-
-def correct(m: ModelRow) -> list[bool | None]:
-    """Per held-out prompt, whether the model was right (None: not checkable)."""
-    return [r["correct"] for r in m.eval.get("rows", [])]
 
 
 def start_to_last(models: list[ModelRow]) -> str:
@@ -111,25 +107,26 @@ def start_to_last(models: list[ModelRow]) -> str:
     froms = [m for m in models[:-1] if m.name in ("start", "SFT")]
     lines = []
     for first in froms:
-        if "rows" not in first.eval or "rows" not in last.eval:
+        if first.eval.rows is None or last.eval.rows is None:
             continue
-        p = vars(paired_change(correct(last), correct(first)))
-        if not p["n"]:              # nothing checkable: a "+0.0 pts" line would claim a test
+        p = paired_change(last.eval.correct(), first.eval.correct())
+        if not p.n:              # nothing checkable: a "+0.0 pts" line would claim a test
             continue
         lines.append(f"From {first.name} to {last.name}: {change_cell(p)} on the same "
-                     f"{p['n']} prompts.")
+                     f"{p.n} prompts.")
     return "\n\n".join(lines)
 
 
 def family_table(models: list[ModelRow]) -> str:
-    fams = sorted({f for m in models for f in m.eval["per_family"]})
+    fams = sorted({f for m in models for f in m.eval.per_family})
     if not fams:
         return ""
     lines = ["| family | " + " | ".join(m.name for m in models) + " |",
              "|---|" + "---|" * len(models)]
     for f in fams:
         lines.append(f"| {f} | " + " | ".join(
-            _pct(m.eval["per_family"].get(f, {}).get("accuracy")) for m in models) + " |")
+            _pct(m.eval.per_family[f].accuracy if f in m.eval.per_family else None)
+            for m in models) + " |")
     return "\n".join(lines)
 
 
@@ -157,12 +154,12 @@ def pairs_table(models: list[ModelRow]) -> str:
 
 def lm_eval_scores(models: list[ModelRow]) -> list[tuple[str, str]]:
     """(task, metric) of every lm-eval score in the run, stderr columns aside."""
-    return sorted({(t, k) for m in models for t, ms in (m.eval.get("lm_eval") or {})
+    return sorted({(t, k) for m in models for t, ms in (m.eval.lm_eval or {})
                    .get("tasks", {}).items() for k in ms if "_stderr" not in k})
 
 
 def _lm_eval_value(m: ModelRow, task: str, metric: str) -> tuple[float | None, float | None]:
-    ms = (m.eval.get("lm_eval") or {}).get("tasks", {}).get(task, {})
+    ms = (m.eval.lm_eval or {}).get("tasks", {}).get(task, {})
     return ms.get(metric), ms.get(metric.replace(",", "_stderr,", 1) if "," in metric
                                   else f"{metric}_stderr")
 
@@ -184,28 +181,46 @@ def lm_eval_table(models: list[ModelRow]) -> str:
 
 
 def plots(models: list[ModelRow], out: Path, method: str = "spin") -> list[Path]:
+    """iterations.png, and training.png and lm_eval.png where there is something to draw."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
+    drawn = [_iterations_plot(models, out / "iterations.png"),
+             _training_plot(models, out / "training.png", method),
+             _lm_eval_plot(models, out / "lm_eval.png")]
+    return [p for p in drawn if p is not None]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _points(models: list[ModelRow], key: str, scale: float = 1.0) -> list[tuple[int, float]]:
+    """(model index, value) of an evaluation measure, where it was measured."""
+    return [(i, scale * getattr(m.eval, key)) for i, m in enumerate(models)
+            if getattr(m.eval, key) is not None]
+
+
+def _iterations_plot(models: list[ModelRow], path: Path) -> Path:
+    """Accuracy with its interval and the win rates per model; without a checker, the
+    reference likelihood instead."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     xs = list(range(len(models)))
-    checked = any(m.eval.get("accuracy") is not None for m in models)
+    checked = any(m.eval.accuracy is not None for m in models)
     if checked:
         acc, lo, hi = accuracy_band(models)
         ax.errorbar(xs, acc, yerr=[[max(0.0, a - x) for a, x in zip(acc, lo)],
                                    [max(0.0, x - a) for a, x in zip(acc, hi)]],
                     fmt="o-", capsize=3, label="task accuracy (held-out), 95% CI")
-    wr = [(i, 100 * m.eval["win_rate"]) for i, m in enumerate(models)
-          if m.eval.get("win_rate") is not None]
+    wr, jw = _points(models, "win_rate", 100), _points(models, "judge_win_rate", 100)
     if wr:
         ax.plot([i for i, _ in wr], [w for _, w in wr], "s--", label="win rate vs previous")
-    jw = [(i, 100 * m.eval["judge_win_rate"]) for i, m in enumerate(models)
-          if m.eval.get("judge_win_rate") is not None]
     if jw:
         ax.plot([i for i, _ in jw], [w for _, w in jw], "^:", label="judge's win rate vs previous")
     ax.set_xticks(xs, [m.name for m in models])
     ax.set_title("Accuracy and win rate per iteration")
-    ll = [(i, m.eval["reference_logp_per_token"]) for i, m in enumerate(models)
-          if m.eval.get("reference_logp_per_token") is not None]
+    ll = _points(models, "reference_logp_per_token")
     if not checked and ll:  # no checker (UltraChat): an accuracy line would read 0%; plot what
         ll_ax = ax.twinx() if (wr or jw) else ax                       # was measured instead
         ll_ax.plot([i for i, _ in ll], [v for _, v in ll], "o-", color="C3",
@@ -220,66 +235,64 @@ def plots(models: list[ModelRow], out: Path, method: str = "spin") -> list[Path]
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:     # nothing measured at all draws no legend
         ax.legend()
-    fig.tight_layout()
-    paths.append(out / "iterations.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    return _save(fig, path)
 
+
+def _training_plot(models: list[ModelRow], path: Path, method: str) -> Path | None:
+    """Loss, reward margin and reward accuracy over the updates of every training."""
     trained = [m for m in models if m.train]
-    if trained:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-        offset = 0
-        for m in trained:
-            steps = [offset + r["step"] for r in m.train]
-            for ax, key in zip(axes, ("loss", "rewards/margins", "rewards/accuracies")):
-                pts = [(x, r[key]) for x, r in zip(steps, m.train) if key in r]  # SFT: loss only
-                if pts:
-                    ax.plot(*zip(*pts), "o-", ms=3, label=m.name)
-            offset = steps[-1]
-            for ax in axes:
-                ax.axvline(offset, color="grey", lw=0.5)
-        margin = "chosen − rejected" if method == "sppo" else "real − generated"
-        for ax, title in zip(axes, ("loss", f"reward margin ({margin})", "reward accuracy")):
-            ax.set_title(title)
-            ax.set_xlabel("update")
-            ax.grid(alpha=0.3)
-        axes[0].legend()
-        fig.tight_layout()
-        paths.append(out / "training.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-
-    cols = lm_eval_scores(models)
-    if cols:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for t, k in cols:
-            pts = [(i, *_lm_eval_value(m, t, k)) for i, m in enumerate(models)]
-            pts = [(i, v, se or 0.0) for i, v, se in pts if v is not None]
-            ax.errorbar([i for i, _, _ in pts], [v for _, v, _ in pts],
-                        yerr=[1.96 * se for _, _, se in pts], fmt="o-", capsize=3,
-                        label=f"{t} {k}")
-        ax.set_xticks(xs, [m.name for m in models])
-        ax.set_title("lm-evaluation-harness per model (95% CI from its standard error)")
+    if not trained:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    offset = 0
+    for m in trained:
+        steps = [offset + r["step"] for r in m.train]
+        for ax, key in zip(axes, ("loss", "rewards/margins", "rewards/accuracies")):
+            pts = [(x, r[key]) for x, r in zip(steps, m.train) if key in r]  # SFT: loss only
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, label=m.name)
+        offset = steps[-1]
+        for ax in axes:
+            ax.axvline(offset, color="grey", lw=0.5)
+    margin = "chosen − rejected" if method == "sppo" else "real − generated"
+    for ax, title in zip(axes, ("loss", f"reward margin ({margin})", "reward accuracy")):
+        ax.set_title(title)
+        ax.set_xlabel("update")
         ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        paths.append(out / "lm_eval.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    return paths
+    axes[0].legend()
+    return _save(fig, path)
+
+
+def _lm_eval_plot(models: list[ModelRow], path: Path) -> Path | None:
+    """Each lm-eval score per model, with its 95% interval from the standard error."""
+    cols = lm_eval_scores(models)
+    if not cols:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for t, k in cols:
+        pts = [(i, *_lm_eval_value(m, t, k)) for i, m in enumerate(models)]
+        pts = [(i, v, se or 0.0) for i, v, se in pts if v is not None]
+        ax.errorbar([i for i, _, _ in pts], [v for _, v, _ in pts],
+                    yerr=[1.96 * se for _, _, se in pts], fmt="o-", capsize=3,
+                    label=f"{t} {k}")
+    ax.set_xticks(range(len(models)), [m.name for m in models])
+    ax.set_title("lm-evaluation-harness per model (95% CI from its standard error)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
 
 
 def write_report(run_dir: str | Path) -> str:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the iteration table."""
-    layout = RunLayout(Path(run_dir))
-    models = load_models(layout)
-    writable_dir(layout.root, "RUN_DIR")            # checked before the plots are drawn
-    writable_dir(layout.plots, "RUN_DIR/plots")
-    manifest = json.loads(layout.manifest.read_text()) if layout.manifest.exists() else {}
+    paths = RunPaths(Path(run_dir))
+    models = load_models(paths)
+    writable_dir(paths.root, "RUN_DIR")            # checked before the plots are drawn
+    writable_dir(paths.plots, "RUN_DIR/plots")
+    manifest = json.loads(paths.manifest.read_text()) if paths.manifest.exists() else {}
     recipe = manifest.get("recipe", {})
-    pngs = plots(models, layout.plots, recipe.get("method", "spin"))
+    pngs = plots(models, paths.plots, recipe.get("method", "spin"))
     t = table(models)
-    body = [f"# selfplay run: {layout.root.name}", "",
+    body = [f"# selfplay run: {paths.root.name}", "",
             f"Method **{recipe.get('method', '?')}**, model `{recipe.get('model_name_or_path')}`, "
             f"dataset `{recipe.get('dataset')}`, "
             f"{sum(m.name.startswith('iteration') for m in models)} iteration(s) finished. "
@@ -289,11 +302,11 @@ def write_report(run_dir: str | Path) -> str:
             "values of that iteration. Accuracy comes with its 95% Wilson interval; a change is "
             "paired on the same prompts (↑ gained, ↓ lost) with an exact sign test.", "", t, "",
             start_to_last(models), ""]
-    judged = [m for m in models if m.eval.get("judge_win_rate") is not None]
+    judged = [m for m in models if m.eval.judge_win_rate is not None]
     if judged:
-        body += [f"Judge ({judged[0].eval['judge']}) win rate of each iteration's model "
+        body += [f"Judge ({judged[0].eval.judge}) win rate of each iteration's model "
                  "against the previous one on the held-out prompts: "
-                 + ", ".join(f"{m.name} {_pct(m.eval['judge_win_rate'])}" for m in judged)
+                 + ", ".join(f"{m.name} {_pct(m.eval.judge_win_rate)}" for m in judged)
                  + ".", ""]
     pt = pairs_table(models)
     if pt:
@@ -310,5 +323,5 @@ def write_report(run_dir: str | Path) -> str:
     if stages:
         body += ["", "## Stages", "", "| stage | state | seconds |", "|---|---|---|"]
         body += [f"| {k} | {v['state']} | {v.get('seconds', '–')} |" for k, v in stages.items()]
-    layout.report.write_text("\n".join(body) + "\n")
+    paths.report.write_text("\n".join(body) + "\n")
     return t

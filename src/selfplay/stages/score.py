@@ -15,8 +15,7 @@ from pathlib import Path
 
 from selfplay.config import DataSettings, ModelSettings, ScoringSettings
 from selfplay.data.pairs import PreferencePair, ScoreStamp, read_pairs, write_pairs
-from selfplay.data.shards import (ShardRow, list_shards, pairs_file, pending, read_shard,
-                                  write_shard)
+from selfplay.data.shards import ShardRow, list_shards, pairs_file, pending, read_shard, write_shard
 from selfplay.logprobs import score_texts
 from selfplay.models import fingerprint, load_model
 

@@ -14,14 +14,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from selfplay.config import (DataSettings, LoraSettings, ModelSettings, ScoringSettings,
-                             TrainingSettings)
+from selfplay.config import (
+    DataSettings,
+    LoraSettings,
+    ModelSettings,
+    ScoringSettings,
+    TrainingSettings,
+)
 from selfplay.data.formats import read_for
-from selfplay.data.run_layout import ModelLayout
+from selfplay.data.run_paths import ModelPaths
 from selfplay.losses import sft_nll
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
-from selfplay.trainer import (StepFn, claim, loop, prepare, save_final, skip_if_complete,
-                              start)
+from selfplay.trainer import StepFn, claim, loop, prepare, save_final, skip_if_complete, start
 
 
 def sequence_step(seqs: list[Encoded], pad_id: int) -> StepFn:
@@ -42,7 +46,7 @@ def sft(model: ModelSettings, data: DataSettings, scoring: ScoringSettings,
     """Fine-tune on data's (prompt, reference) examples, each `repeat` times per epoch (the
     control arm sees each prompt as often as SPIN's previous + current pairs do); returns the
     checkpoint directory."""
-    out = ModelLayout(Path(out_dir))
+    out = ModelPaths(Path(out_dir))
     if skip_if_complete(out, overwrite):
         return out.root
     accelerator, lm, tok = start(model, training, lora, out, seed)

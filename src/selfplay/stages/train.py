@@ -29,18 +29,22 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from selfplay.config import (DataSettings, LoraSettings, ModelSettings, ScoringSettings,
-                             TrainingSettings)
+from selfplay.config import (
+    DataSettings,
+    LoraSettings,
+    ModelSettings,
+    ScoringSettings,
+    TrainingSettings,
+)
 from selfplay.data.pairs import PreferencePair, ScoreStamp, read_pairs
-from selfplay.data.run_layout import ModelLayout
-from selfplay.data.shards import write_json_atomic
+from selfplay.data.run_paths import ModelPaths
 from selfplay.errors import SelfplayError
+from selfplay.io import write_json_atomic
 from selfplay.logprobs import ResponseLogProbs
 from selfplay.losses import pair_loss
 from selfplay.models import fingerprint, load_model
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
-from selfplay.trainer import (StepFn, claim, loop, prepare, save_final, skip_if_complete,
-                              start)
+from selfplay.trainer import StepFn, claim, loop, prepare, save_final, skip_if_complete, start
 
 # The loss arguments each SPPO loss takes, and the pair fields they come from.
 LOSS_PROBS = {"sppo": {"p_win": "chosen_probs_win", "p_lose": "chosen_probs_lose"},
@@ -179,7 +183,7 @@ def compute_reference(scorer, pairs: list[TrainPair], pad_id: int, batch_size: i
     scorer.train(was_training)
 
 
-def reference_logps(scorer, pairs: list[TrainPair], pad_id: int, accelerator, out: ModelLayout,
+def reference_logps(scorer, pairs: list[TrainPair], pad_id: int, accelerator, out: ModelPaths,
                     *, start: ModelSettings, reference: ScoreStamp, chunk: int,
                     training: TrainingSettings, load_in_4bit: bool) -> None:
     """Fill every pair's reference log-probs: from the cache, the pairs, or computed once (by
@@ -263,7 +267,7 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
           out_dir: Path, *, seed: int, overwrite: bool = False) -> Path:
     """Train on the pairs of `sources` (dataset, share used); returns the output directory,
     a Hugging Face checkpoint."""
-    out = ModelLayout(Path(out_dir))
+    out = ModelPaths(Path(out_dir))
     if skip_if_complete(out, overwrite):
         return out.root
     accelerator, lm, tok = start(model, training, lora, out, seed)

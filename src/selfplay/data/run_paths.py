@@ -7,7 +7,7 @@
       iter{t}/generated/                   θ_t's shards (SPIN: scored)
       iter{t}/ranked/                      SPPO: the same shards with the judge's matrices
       iter{t}/pairs/train_prefs-….parquet  convert's pairs, and convert_report.json
-      iter{t}/model/                       θ_{t+1}: a checkpoint (see ModelLayout)
+      iter{t}/model/                       θ_{t+1}: a checkpoint (see ModelPaths)
       iter{t}/eval.json                    θ_{t+1} on the held-out prompts
 
     MODEL_DIR/ (what `selfplay sft` and `selfplay train` write)
@@ -28,7 +28,7 @@ from selfplay.data.shards import CONVERT_REPORT, pairs_file
 
 
 @dataclass(frozen=True)
-class ModelLayout:
+class ModelPaths:
     root: Path
 
     @property
@@ -70,7 +70,7 @@ class ModelLayout:
 
 
 @dataclass(frozen=True)
-class IterationLayout:
+class IterationPaths:
     root: Path
 
     @property
@@ -94,8 +94,8 @@ class IterationLayout:
         return self.pairs / CONVERT_REPORT
 
     @property
-    def model(self) -> ModelLayout:
-        return ModelLayout(self.root / "model")
+    def model(self) -> ModelPaths:
+        return ModelPaths(self.root / "model")
 
     @property
     def eval(self) -> Path:
@@ -103,7 +103,7 @@ class IterationLayout:
 
 
 @dataclass(frozen=True)
-class RunLayout:
+class RunPaths:
     root: Path
 
     @property
@@ -123,12 +123,12 @@ class RunLayout:
         return self.root / "base" / "eval.json"
 
     @property
-    def sft(self) -> IterationLayout:
+    def sft(self) -> IterationPaths:
         """The SFT stage before iteration 0: its model and evaluation."""
-        return IterationLayout(self.root / "sft")
+        return IterationPaths(self.root / "sft")
 
-    def iteration(self, t: int) -> IterationLayout:
-        return IterationLayout(self.root / f"iter{t}")
+    def iteration(self, t: int) -> IterationPaths:
+        return IterationPaths(self.root / f"iter{t}")
 
     def iterations(self) -> list[int]:
         """The iterations that have a directory, in order."""

@@ -1,0 +1,141 @@
+"""Processes and devices, decided in one place: the process group a launcher made, the device
+each process works on, launches that would not do what they ask for, and the accelerator a
+training runs on.
+
+Processes come from `accelerate launch` or `torchrun` (several machines: --num_machines /
+--nnodes); without a launcher a command is one process. Generation and training use every
+process (each its own slice of the prompts; data-parallel training); what `selfplay run`
+does besides runs on the main process while the others wait (`Processes.on_main`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import accelerate
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list
+
+from selfplay.config import ModelSettings, TrainingSettings
+from selfplay.errors import SelfplayError
+
+
+def world_size() -> int:
+    """The processes the launcher started (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _launcher_asks(kind: str) -> bool:
+    """Whether the accelerate config asks for FSDP or DEEPSPEED."""
+    return os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() in ("1", "true")
+
+
+def on_cpu(model: ModelSettings) -> bool:
+    """Whether the processes work on the CPU: asked for, or no GPU to be had. On the CPU,
+    accelerate forms a gloo process group."""
+    return model.device == "cpu" or not torch.cuda.is_available()
+
+
+def process_state(model: ModelSettings, wait_hours: float | None = None) -> PartialState:
+    """The launched processes as accelerate sees them, checked (check_launch). `wait_hours`:
+    how long a collective may wait, when the others wait on the main process's work (an
+    evaluation, a ranking) far beyond the default (10 minutes on NCCL, 30 on gloo)."""
+    kwargs = {"timeout": timedelta(hours=wait_hours)} if wait_hours else {}
+    state = PartialState(cpu=on_cpu(model), **kwargs)
+    check_launch(state)
+    return state
+
+
+def check_launch(state, trains: bool = False) -> None:
+    """Refuse a launch that would not do what it asks for. accelerate shards (FSDP, DeepSpeed)
+    only on accelerators: on a machine without one, a sharding config runs as plain
+    data-parallel processes (use_cpu: true) or as N processes that each think they are alone
+    (use_cpu: false), each with the whole model, all writing the same outputs. `trains`: the
+    state is the trainer's (only it knows whether sharding took effect)."""
+    world = world_size()
+    if world > 1 and state.num_processes == 1:
+        raise SelfplayError(
+            f"launched as {world} processes, but accelerate formed no process group here "
+            f"(distributed type {state.distributed_type.name}): each would work alone and "
+            "write the same outputs; without a GPU, launch with --multi_gpu (or use_cpu: true "
+            "in the config).")
+    for kind in ("FSDP", "DEEPSPEED"):
+        if trains and world > 1 and _launcher_asks(kind) \
+                and state.distributed_type.name != kind:
+            raise SelfplayError(
+                f"the accelerate config asks for {kind}, but accelerate {accelerate.__version__} "
+                f"runs {state.distributed_type.name} here (it shards only on GPUs and other "
+                "accelerators), so the model would not be sharded; on CPU, launch with "
+                "recipes/accelerate/multi_gpu.yaml, which is what would run.")
+
+
+def training_accelerator(model: ModelSettings, training: TrainingSettings) -> Accelerator:
+    """The accelerator of one training: its device, mixed precision and plugins."""
+    # A training's precision and plugins are its own: in one process (the stages of `selfplay
+    # run`, a notebook, the tests) the last training's state would refuse another mixed
+    # precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    # Without a GPU, accelerate's CPU path; but a DeepSpeed launch of one process keeps
+    # DeepSpeed, which has its own CPU accelerator, and so runs ZeRO-3's real code (how the
+    # tests reach it without a GPU). Several processes would form no group under it: on the
+    # CPU path they run MULTI_CPU, which check_launch refuses in words that say so.
+    deepspeed_alone = _launcher_asks("DEEPSPEED") and world_size() == 1
+    try:
+        accelerator = Accelerator(
+            cpu=model.device == "cpu" or (on_cpu(model) and not deepspeed_alone),
+            mixed_precision="bf16" if model.bf16 else "no",
+            gradient_accumulation_steps=training.gradient_accumulation_steps)
+    except RuntimeError as e:   # an FSDP (v1) config on a machine without an accelerator
+        # accelerate's words for it change between releases ("no available devices", "not
+        # supported on cpu"): the launcher's flag and the missing device are what tell it
+        if not _launcher_asks("FSDP") or torch.cuda.is_available():
+            raise
+        raise SelfplayError(
+            f"the accelerate config asks for FSDP, but accelerate {accelerate.__version__} "
+            f"cannot shard here ({e}); on CPU, launch with recipes/accelerate/multi_gpu.yaml "
+            "(data parallel).") from None
+    check_launch(accelerator.state, trains=True)
+    return accelerator
+
+
+class Processes:
+    """The processes of a run. Generation and training use every process; everything else
+    runs on the main process while the others wait, and its failure is raised on every
+    process, so that none waits forever at the next stage."""
+
+    def __init__(self, model: ModelSettings):
+        # The others wait while the main process evaluates or ranks.
+        self.state = process_state(model, wait_hours=12)
+        self.main = self.state.is_main_process
+
+    def wait(self) -> None:
+        self.state.wait_for_everyone()
+
+    def agree(self, decision: bool) -> bool:
+        """The main process's decision, on every process (they read files that the main
+        process may be rewriting)."""
+        if self.state.num_processes == 1:
+            return decision
+        return broadcast_object_list([decision])[0]
+
+    def on_main(self, work) -> None:
+        """work() on the main process; every process returns (or raises) when it has."""
+        failed = [None]
+        if self.main:
+            try:
+                work()
+            except SelfplayError as e:
+                failed = [str(e)]
+            except BaseException as e:
+                if self.state.num_processes == 1:
+                    raise
+                failed = [f"the main process failed: {type(e).__name__}: {e}"]
+                print(f"[main process] {type(e).__name__}: {e}", file=sys.stderr)
+        if self.state.num_processes > 1:
+            broadcast_object_list(failed)            # also the barrier
+        if failed[0]:
+            raise SelfplayError(failed[0])
