@@ -1,3 +1,5 @@
+"""Options: override styles, aliases, recipes, checks and their one-line messages, help."""
+
 import pytest
 
 from selfplay.config import Config, load_config, parse_overrides

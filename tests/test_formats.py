@@ -1,8 +1,10 @@
+"""The dataset reader: every layout, bad rows named or skipped, splits, the hub offline."""
+
 import json
 
 import pytest
 
-from conftest import write_jsonl, write_parquet
+from helpers import write_jsonl, write_parquet
 from selfplay.data.formats import prompt_hash, read_examples
 from selfplay.errors import SelfplayError
 

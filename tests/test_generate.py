@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from selfplay.cli import main
 from selfplay.data.formats import prompt_hash
 from selfplay.data.shards import fraction, process_slice
@@ -162,7 +162,7 @@ def test_bf16_generates_and_scores_under_autocast(tiny_model_dir, tiny_model, to
 
 
 def test_score_command_on_published_pairs(tiny_model_dir, tmp_path, capsys):
-    from conftest import write_parquet
+    from helpers import write_parquet
     u = {"role": "user", "content": "Hi?"}
     pairs = [{"real": [u, {"role": "assistant", "content": "Hello!"}],
               "generated": [u, {"role": "assistant", "content": "Bye."}]}] * 3

@@ -1,8 +1,11 @@
-"""On a CUDA GPU (skipped elsewhere, as in CI, which has none): training on the GPU against the
-CPU; the shipped FSDP and ZeRO-3 configs under `accelerate launch` against plain training, and
-exact resume under FSDP; a tiny loop with --bf16. One GPU, so one process: sharding over a
-world of one still goes through the whole wrapping, gathering and saving code. Run on a lent
-GPU machine by bench/gpu_check.sh."""
+"""On a CUDA GPU: training against the CPU, FSDP and ZeRO-3 under accelerate, a --bf16 loop.
+
+Skipped elsewhere (as in CI, which has none); run on a lent GPU machine by bench/gpu_check.sh.
+Training on the GPU against the CPU; the shipped FSDP and ZeRO-3 configs under `accelerate
+launch` against plain training, and exact resume under FSDP; a tiny loop with --bf16. One GPU,
+so one process: sharding over a world of one still goes through the whole wrapping, gathering
+and saving code.
+"""
 
 import json
 import os
@@ -16,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_parquet
+from helpers import write_parquet
 from selfplay.cli import main
 from test_training import _pairs, accelerate_config
 

@@ -1,5 +1,7 @@
-"""--lm_eval_tasks: lm-evaluation-harness on each evaluated model, offline, over a task of our
-own defined on a local file (lm-eval's task YAML with local data_files)."""
+"""--lm_eval_tasks: lm-evaluation-harness on each evaluated model, offline, on a local task.
+
+The task is our own, defined on a local file (lm-eval's task YAML with local data_files).
+"""
 
 import json
 

@@ -1,5 +1,6 @@
-"""The house: every module on its floor, imports only downward or sideways, no circle, and no
-project module imported inside a function (except the CLI's lazy command dispatch).
+"""The house: every module on its floor, imports only downward or sideways, no circle.
+
+No project module is imported inside a function (except the CLI's lazy command dispatch).
 
 The floors, from the ground up (docs/architecture.md draws the same):
   0  errors, hub

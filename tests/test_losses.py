@@ -1,5 +1,7 @@
-"""Every loss, as the pure function it is: hand-computed values whose docstrings spell out the
-maths, and the same token tensors through TRL's DPOTrainer as an oracle (loss and gradients).
+"""Every loss as the pure function it is: values computed by hand, and TRL as an oracle.
+
+The hand-computed values' docstrings spell out the maths; the same token tensors go through
+TRL's DPOTrainer as an oracle (loss and gradients).
 
 Notation (selfplay.losses): ℓ_w = log πθ(y_w) − log π_ref(y_w), ℓ_l likewise; η = 1/β.
 """
@@ -9,7 +11,7 @@ import math
 import pytest
 import torch
 
-from conftest import trl_oracle
+from helpers import trl_oracle
 from selfplay.logprobs import response_logps
 from selfplay.losses import (LOSSES, sft_nll, spin_hinge, spin_logistic, sppo_hard, sppo_single,
                              sppo_soft)

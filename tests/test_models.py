@@ -1,3 +1,5 @@
+"""Loading models: hub ids offline, bad paths, local checkpoints, the default model, fingerprint."""
+
 import time
 
 import pytest
@@ -53,7 +55,7 @@ def test_default_model_loads_from_cache_renders_and_generates():
 def test_fingerprint_follows_the_weights_not_the_name(tiny_model_dir, tmp_path, tokenizer):
     import shutil
 
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model_dir, copy)
     assert models.fingerprint(str(copy)) == models.fingerprint(str(tiny_model_dir))

@@ -1,5 +1,7 @@
-"""PairRM on plain transformers: inputs token for token as llm-blender builds them, the head,
-checkpoints in both layouts, the estimators, the judge and `selfplay rank --judge pairrm`.
+"""PairRM on plain transformers, token for token as llm-blender, up to `rank --judge pairrm`.
+
+Inputs token for token as llm-blender builds them, the head, checkpoints in both layouts, the
+estimators, the judge and `selfplay rank --judge pairrm`.
 
 The tiny models use a DeBERTa-v3-shaped tokenizer trained here: a sentencepiece unigram model
 with DeBERTa-v3's ids ([PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3, [MASK] after the pieces) saved with
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from selfplay.errors import SelfplayError
 from selfplay.judges import pairrm
-from selfplay.judges import pairrm_inputs as layout
+from selfplay.judges import pairrm_inputs as inputs
 from selfplay.judges import preferences as prefs
 from selfplay.judges.pairrm import DebertaV2PairRM, PairRM, PairRMJudge
 from selfplay.judges.pairrm_inputs import add_pairrm_tokens, candidate_budget, encode_prompt
@@ -210,7 +212,7 @@ def test_truncation_budget_by_hand(deberta_tok):
     """S = 24, C = 10. A long source is cut to 24 tokens ([CLS] <|source|> … [SEP]) and each
     long candidate to 10 + ⌊0/2⌋ = 10. "hello!" alone is [CLS] <|source|> ▁hello ! [SEP]
     (n_x = 5), so a long candidate gets 10 + ⌊19/2⌋ = 19 tokens."""
-    src = layout.encode_source(deberta_tok, "hello!", 24)
+    src = inputs.encode_source(deberta_tok, "hello!", 24)
     assert deberta_tok.convert_ids_to_tokens(src) == ["[CLS]", "<|source|>", "▁hello", "!",
                                                       "[SEP]"]
     assert candidate_budget(5, 24, 10) == 19 and candidate_budget(24, 24, 10) == 10

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import write_parquet
+from helpers import write_parquet
 from selfplay.cli import main
 from selfplay.data.tasks import generate as tasks
 

@@ -1,6 +1,8 @@
-"""The real-model recipe (recipes/spin-qwen2.5-0.5b-ultrachat.yaml) on local stand-ins: its
-hub model id and hub dataset id read from a Hugging Face hub cache laid out as `hf download`
-leaves it, under HF_HUB_OFFLINE, with no network; then the recipe end to end, tiny.
+"""The real-model recipe end to end, tiny, on local stand-ins in an offline hub cache.
+
+The recipe (recipes/spin-qwen2.5-0.5b-ultrachat.yaml): its hub model id and hub dataset id read
+from a Hugging Face hub cache laid out as `hf download` leaves it, under HF_HUB_OFFLINE, with no
+network; then the recipe end to end, tiny.
 
 The stand-ins: a 2-layer Qwen2 model (hidden size 64) with the default model's tokenizer,
 saved as models--Qwen--Qwen2.5-0.5B-Instruct/snapshots/<commit>/, and UltraChat-shaped
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_parquet
+from helpers import write_parquet
 from selfplay.cli import main
 from selfplay.errors import SelfplayError
 

@@ -1,5 +1,8 @@
-"""Reading, sharding and converting grow linearly with the rows: bench/bench_scale.py at a
-sixteenth of its sizes (the bench's 5,000 and 50,000 rows are in docs/reliability.md)."""
+"""Reading, sharding and converting grow linearly with the rows: bench_scale.py, smaller.
+
+bench/bench_scale.py at a sixteenth of its sizes (the bench's 5,000 and 50,000 rows are in
+docs/reliability.md).
+"""
 
 import sys
 from pathlib import Path

@@ -1,5 +1,8 @@
-"""`selfplay sft` end to end on the tiny model (training, checkpoint, exact resume, LoRA), and in
-`selfplay run`: the SFT stage and the SFT control arm. Its loss is tested in test_losses.py."""
+"""`selfplay sft` on the tiny model, and in `selfplay run` (the SFT stage and control arm).
+
+Training, checkpoint, exact resume, LoRA; in `selfplay run`: the SFT stage and the SFT control
+arm. Its loss is tested in test_losses.py.
+"""
 
 import json
 import shutil
@@ -8,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import kill_after_first_checkpoint, write_jsonl
+from helpers import kill_after_first_checkpoint, write_jsonl
 from selfplay.cli import main
 ROWS = [{"prompt_id": f"p{i}", "messages": [
     {"role": "user", "content": f"What is {i} plus {i}?"},

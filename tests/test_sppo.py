@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from selfplay import judges
 from selfplay.config import RankSettings
 from selfplay.judges import preferences as prefs
@@ -116,7 +116,7 @@ from pathlib import Path  # noqa: E402
 
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import write_parquet  # noqa: E402
+from helpers import write_parquet  # noqa: E402
 from selfplay.cli import main  # noqa: E402
 
 TESTS = str(Path(__file__).parent)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from selfplay.data.evaluations import Evaluation
 from selfplay.stats import paired_change, ratio_interval, sign_test, wilson_interval
 
 
@@ -60,7 +61,7 @@ def test_report_plots_a_perfect_and_a_null_score(tmp_path):
     from selfplay.stages.report import ModelRow, plots
 
     def ev(k, n):
-        return {"accuracy": k / n, "accuracy_ci95": list(wilson_interval(k, n))}
+        return Evaluation(n, k / n, list(wilson_interval(k, n)), {}, None, 1.0, 0.0, {}, [])
     models = [ModelRow("start", ev(0, 7)), ModelRow("iteration 0", ev(7, 7)),
               ModelRow("iteration 1", ev(3, 7))]
     assert [p.name for p in plots(models, tmp_path)] == ["iterations.png"]

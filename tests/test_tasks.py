@@ -1,3 +1,5 @@
+"""The built-in task suite: seeded splits, families, checkers, `tasks export`, `evaluate`."""
+
 import re
 from collections import Counter
 

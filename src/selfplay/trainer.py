@@ -72,9 +72,9 @@ def epoch_batches(lengths: list[int], per_device: int, world: int, seed: int, ep
     A seeded permutation of the items (the same seed and epoch, the same order). With
     group_by_length, each run of 32 global batches is sorted by item length before it is cut,
     and the batches are then shuffled: items of similar length share a batch, so padding
-    shrinks (random batches of SPIN pairs on the task suite pad to 2.5x their tokens, grouped
-    ones to 1.3x). The last batch is filled from the start of the permutation when needed so
-    that every process gets the same number of items.
+    shrinks (docs/benchmarks.md measures it on SPIN pairs of the task suite). The last batch
+    is filled from the start of the permutation when needed so that every process gets the
+    same number of items.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(len(lengths), generator=g).tolist()
@@ -189,17 +189,55 @@ def _same_recipe(old: dict[str, Any], new: dict[str, Any], checkpoint: Path) -> 
             "deleted.")
 
 
+class MetricsLog:
+    """A training's metrics: each update's, averaged over its micro-batches and processes;
+    their mean over every logging_steps updates to train_log.jsonl (main process) and the
+    trackers (TensorBoard, W&B)."""
+
+    def __init__(self, r: Run, training: TrainingSettings, out: ModelPaths):
+        self.r, self.training, self.out = r, training, out
+        self.main = r.accelerator.is_main_process
+        self.window: dict[str, list[float]] = {}
+        self.t0, self.tokens = time.perf_counter(), 0
+        if self.main:   # a resumed run rewrites what came after its checkpoint, never twice
+            kept = [ln for ln in (out.log.read_text().splitlines() if out.log.exists() else [])
+                    if json.loads(ln)["step"] <= r.step]
+            out.log.write_text("".join(ln + "\n" for ln in kept))
+            self.trackers = Trackers(training.report_to, out.tensorboard, str(out.root),
+                                     r.recipe, training.wandb_project, r.step)
+
+    def update(self, step: int, micro: dict[str, list[torch.Tensor]]) -> float:
+        """Add update `step`'s metrics; write the window when it is due; return the loss."""
+        acc_ = self.r.accelerator
+        for k, vs in micro.items():    # mean over micro-batches, then over processes
+            self.window.setdefault(k, []).append(
+                acc_.reduce(torch.stack(vs).mean(), reduction="mean").item())
+        loss = self.window["loss"][-1]
+        if step % self.training.logging_steps == 0 or step == self.r.total:
+            elapsed = time.perf_counter() - self.t0
+            rec = {"step": step, "epoch": round(step / self.r.per_epoch, 4),
+                   "learning_rate": self.r.scheduler.get_last_lr()[0],
+                   **{k: sum(v) / len(v) for k, v in self.window.items()},
+                   "tokens_per_s": self.tokens * acc_.num_processes / elapsed,
+                   "elapsed_s": elapsed}
+            self.window = {}
+            if self.main:
+                with self.out.log.open("a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                self.trackers.log({k: v for k, v in rec.items() if k != "step"}, step)
+        return loss
+
+    def close(self) -> None:
+        if self.main:
+            self.trackers.close()
+
+
 def loop(r: Run, training: TrainingSettings, out: ModelPaths, step_fn: StepFn) -> int:
     """Train from update r.step to r.total; returns the last update's number."""
-    acc_, main = r.accelerator, r.accelerator.is_main_process
+    acc_ = r.accelerator
     dev, rank, world = acc_.device, acc_.process_index, acc_.num_processes
     ga, step = training.gradient_accumulation_steps, r.step
-    if main:   # a resumed run rewrites what came after its checkpoint, never duplicates it
-        kept = [ln for ln in (out.log.read_text().splitlines() if out.log.exists() else [])
-                if json.loads(ln)["step"] <= step]
-        out.log.write_text("".join(ln + "\n" for ln in kept))
-        trackers = Trackers(training.report_to, out.tensorboard, str(out.root), r.recipe,
-                            training.wandb_project, step)
+    log = MetricsLog(r, training, out)
 
     def forward(batch: dict[str, torch.Tensor]):
         with acc_.autocast():
@@ -207,9 +245,7 @@ def loop(r: Run, training: TrainingSettings, out: ModelPaths, step_fn: StepFn) -
 
     bar = tqdm(total=r.total, initial=step, desc="train", unit="step",
                disable=not acc_.is_local_main_process, mininterval=1.0)
-    window: dict[str, list[float]] = {}
     micro: dict[str, list[torch.Tensor]] = {}
-    t0, tokens = time.perf_counter(), 0
     epoch = step // r.per_epoch
     while step < r.total:
         skip = (step - epoch * r.per_epoch) * ga
@@ -220,7 +256,7 @@ def loop(r: Run, training: TrainingSettings, out: ModelPaths, step_fn: StepFn) -
                 acc_.backward(loss)
                 for k, v in metrics.items():
                     micro.setdefault(k, []).append(v)
-                tokens += n_tok
+                log.tokens += n_tok
                 if acc_.sync_gradients:
                     norm = torch.as_tensor(
                         acc_.clip_grad_norm_(r.params, training.max_grad_norm or float("inf")),
@@ -234,31 +270,16 @@ def loop(r: Run, training: TrainingSettings, out: ModelPaths, step_fn: StepFn) -
             if not acc_.sync_gradients:
                 continue
             step += 1
-            for k, vs in micro.items():    # mean over micro-batches, then over processes
-                window.setdefault(k, []).append(
-                    acc_.reduce(torch.stack(vs).mean(), reduction="mean").item())
-            micro = {}
             bar.update(1)
-            bar.set_postfix(loss=f"{window['loss'][-1]:.4f}")
-            if step % training.logging_steps == 0 or step == r.total:
-                rec = {"step": step, "epoch": round(step / r.per_epoch, 4),
-                       "learning_rate": r.scheduler.get_last_lr()[0],
-                       **{k: sum(v) / len(v) for k, v in window.items()},
-                       "tokens_per_s": tokens * world / (time.perf_counter() - t0),
-                       "elapsed_s": time.perf_counter() - t0}
-                window = {}
-                if main:
-                    with out.log.open("a") as fh:
-                        fh.write(json.dumps(rec) + "\n")
-                    trackers.log({k: v for k, v in rec.items() if k != "step"}, step)
+            bar.set_postfix(loss=f"{log.update(step, micro):.4f}")
+            micro = {}
             if training.save_steps and step % training.save_steps == 0 and step < r.total:
                 _save_checkpoint(acc_, out, step, r.recipe)
             if step >= r.total:
                 break
         epoch += 1
     bar.close()
-    if main:
-        trackers.close()
+    log.close()
     return step
 
 
@@ -318,7 +339,8 @@ def skip_if_complete(out: ModelPaths, overwrite: bool) -> bool:
 
 
 def _ours(out: ModelPaths) -> bool:
-    """Proof that we wrote out.root: our marker, or (from before markers) our own records."""
+    """Proof that we wrote out.root: our marker, or our own records (a model directory of
+    selfplay before 7e57f44, 2026-11-23, has no marker)."""
     return out.marker.exists() or out.complete.exists() or out.log.exists() or \
         out.checkpoints.exists()
 

@@ -17,24 +17,11 @@ from selfplay.config.effects import (
                                      stage_kind,
 )
 from selfplay.config.loading import coerce, format_help, load_config, parse_mixture, parse_overrides
-from selfplay.config.schema import ALIASES, FIELDS, GROUP_OF, GROUPS, Config, fields_for
-from selfplay.config.settings import (
-                                     ConvertSettings,
-                                     DataSettings,
-                                     EvaluationSettings,
-                                     GenerationSettings,
-                                     ModelSettings,
-                                     RankSettings,
-                                     ScoringSettings,
-)
-from selfplay.config.training import (
-                                     METHOD_DEFAULTS,
-                                     RUN_METHOD_DEFAULTS,
-                                     JobSettings,
-                                     LoraSettings,
-                                     RunSettings,
-                                     TrainingSettings,
-)
+from selfplay.config.schema import (ALIASES, FIELDS, GROUP_OF, GROUPS, Config, ConvertSettings,
+                                    DataSettings, EvaluationSettings, GenerationSettings,
+                                    JobSettings, LoraSettings, ModelSettings, RankSettings,
+                                    RunSettings, ScoringSettings, TrainingSettings, fields_for)
+from selfplay.config.training import METHOD_DEFAULTS, RUN_METHOD_DEFAULTS
 
 __all__ = ["ALIASES", "FIELDS", "GROUPS", "GROUP_OF", "METHOD_DEFAULTS", "RESUMABLE",
            "RUN_METHOD_DEFAULTS", "Config", "ConvertSettings", "DataSettings",

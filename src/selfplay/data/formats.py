@@ -323,31 +323,31 @@ def _hub_snapshot(dataset_id: str) -> str | None:
         return None
 
 
+def _source_rows(source: str, split: str, tasks_seed: int, tasks_sizes: dict[str, int] | None
+                 ) -> tuple[list[str], Iterator[tuple[str, int, Any]]]:
+    """The files a source reads, and its rows as (file, row number, row)."""
+    if source == BUILTIN_TASKS:
+        rows = tasks.split_rows(split, seed=tasks_seed, sizes=tasks_sizes)
+        return [BUILTIN_TASKS], ((f"{BUILTIN_TASKS}[{split}]", n, r)
+                                 for n, r in enumerate(rows, 1))
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [str(path)], ((str(path), n, r) for n, r in _iter_file(path))
+    if path.is_dir():
+        paths = files_for_split(path, split)
+        return [str(p) for p in paths], ((str(p), n, r) for p in paths
+                                         for n, r in _iter_file(p))
+    if source.startswith((".", "/", "~")) or Path(source).suffix in DATA_SUFFIXES:
+        raise SelfplayError(f"dataset {source} does not exist.")
+    return [source], _hub_rows(source, split)
+
+
 def read_examples(source: str, split: str = "train", layout: str = "auto",
                   reference_turn: str = "first", skip_bad_rows: bool = False,
                   max_prompts: int = 0, tasks_seed: int = 0,
                   tasks_sizes: dict[str, int] | None = None, skip_prompts: int = 0) -> ReadResult:
     """Read a dataset into Examples; see the module docstring for layouts and error handling."""
-    if source == BUILTIN_TASKS:
-        rows = tasks.split_rows(split, seed=tasks_seed, sizes=tasks_sizes)
-        stream: Iterator[tuple[str, int, Any]] = ((f"{BUILTIN_TASKS}[{split}]", n, r)
-                                                  for n, r in enumerate(rows, 1))
-        files = [BUILTIN_TASKS]
-    else:
-        path = Path(source).expanduser()
-        if path.is_file():
-            files = [str(path)]
-            stream = ((str(path), n, r) for n, r in _iter_file(path))
-        elif path.is_dir():
-            paths = files_for_split(path, split)
-            files = [str(p) for p in paths]
-            stream = ((str(p), n, r) for p in paths for n, r in _iter_file(p))
-        elif source.startswith((".", "/", "~")) or Path(source).suffix in DATA_SUFFIXES:
-            raise SelfplayError(f"dataset {source} does not exist.")
-        else:
-            files = [source]
-            stream = _hub_rows(source, split)
-
+    files, stream = _source_rows(source, split, tasks_seed, tasks_sizes)
     if layout != "auto" and layout not in PARSERS:
         raise SelfplayError(f"--dataset_layout {layout!r} is not one of: {', '.join(LAYOUTS)}.")
     examples: list[Example] = []

@@ -1,8 +1,8 @@
-"""The preference pair: one typed record between convert, score and train, and its two file layouts.
+"""The preference pair: one typed record between convert, score and train; its two column sets.
 
 In memory a pair is always (chosen, rejected): for SPIN, chosen is the dataset's answer
 ("real") and rejected θ_t's ("generated"); for SPPO, the most and least preferred of θ_t's K
-samples, with the judge's probabilities. On disk it takes the layout of the published datasets,
+samples, with the judge's probabilities. On disk it takes the columns of the published datasets,
 so that those and ours are interchangeable:
 
   spin   `real`, `generated` (message lists), as UCLA-AGI/SPIN_iter*; our extra columns:
@@ -14,7 +14,7 @@ so that those and ours are interchangeable:
          `ref_logp_chosen`, `ref_logp_rejected`, `score_*`
 
 This module is the only place that knows those column names. TRL-style preference rows
-(`prompt`, `chosen`, `rejected`) read as the sppo layout without probabilities.
+(`prompt`, `chosen`, `rejected`) read as the sppo columns without probabilities.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class ScoreStamp:
     model: str = field(compare=False)
     max_length: int
     max_prompt_length: int
-    fingerprint: str | None        # None: written before fingerprints; never matches
+    fingerprint: str | None        # None: written by selfplay before 015e55c (2026-11-23),
+                                   # which named models only: never matches
     bf16: bool = False             # written only when true: float32 stamps read as before
 
     def to_json(self) -> dict[str, Any]:
@@ -113,16 +114,16 @@ def sppo_row(p: PreferencePair) -> dict[str, Any]:
     return row
 
 
-def write_pairs(path: Path, pairs: list[PreferencePair], layout: str) -> None:
-    """Pairs to parquet in the `spin` or `sppo` layout."""
-    write_parquet_atomic(path, [(sppo_row if layout == "sppo" else spin_row)(p) for p in pairs])
+def write_pairs(path: Path, pairs: list[PreferencePair], columns: str) -> None:
+    """Pairs to parquet with the `spin` or `sppo` columns."""
+    write_parquet_atomic(path, [(sppo_row if columns == "sppo" else spin_row)(p) for p in pairs])
 
 
 # ---------------------------------------------------------------------------------------
-# Reading: any pair layout the readers accept, into PreferencePair
+# Reading: any pair dataset the readers accept, into PreferencePair
 # ---------------------------------------------------------------------------------------
 
-# Columns of either layout that become PreferencePair fields (not extra).
+# Columns of either kind that become PreferencePair fields (not extra).
 _SPIN_COLS = {"generated", "generated_tokens", "finish_reason", "ref_logp_real", "ref_ntok_real",
               "ref_logp_generated", "ref_ntok_generated", "score_model", "score_max_length",
               "score_max_prompt_length", "score_fingerprint", "score_bf16"}

@@ -27,41 +27,30 @@ from pathlib import Path
 from selfplay.data.shards import CONVERT_REPORT, pairs_file
 
 
+def _under(*parts: str, doc: str = "") -> property:
+    """A path below the directory's root, named once here (the tree above draws them)."""
+    return property(lambda self: self.root.joinpath(*parts), doc=doc)
+
+
 @dataclass(frozen=True)
-class ModelPaths:
+class Directory:
+    """A directory whose paths are named once, as class attributes (`_under`)."""
     root: Path
 
-    @property
-    def marker(self) -> Path:
-        """Written first into a directory we train into: proof that it is ours to clear."""
-        return self.root / ".selfplay-output"
 
-    @property
-    def complete(self) -> Path:
-        return self.root / "training_complete.json"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "train_log.jsonl"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
-
-    @property
-    def reference_cache(self) -> Path:
-        return self.root / "reference_logps.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+class ModelPaths(Directory):
+    marker = _under(".selfplay-output",
+                    doc="Written first into a directory we train into: proof that it is ours "
+                        "to clear.")
+    complete = _under("training_complete.json")
+    log = _under("train_log.jsonl")
+    tensorboard = _under("tensorboard")
+    reference_cache = _under("reference_logps.json")
+    checkpoints = _under("checkpoints")
+    adapter = _under("adapter")
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:06d}"
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / "adapter"
 
     def weights(self, adapter_only: bool) -> Path:
         """The weights file a finished training wrote: full (or merged) weights, or the
@@ -69,58 +58,27 @@ class ModelPaths:
         return self.root / ("adapter_model.safetensors" if adapter_only else "model.safetensors")
 
 
-@dataclass(frozen=True)
-class IterationPaths:
-    root: Path
-
-    @property
-    def generated(self) -> Path:
-        return self.root / "generated"
-
-    @property
-    def ranked(self) -> Path:
-        return self.root / "ranked"
-
-    @property
-    def pairs(self) -> Path:
-        return self.root / "pairs"
+class IterationPaths(Directory):
+    generated = _under("generated")
+    ranked = _under("ranked")
+    pairs = _under("pairs")
+    convert_report = _under("pairs", CONVERT_REPORT)
+    eval = _under("eval.json")
 
     @property
     def train_pairs(self) -> Path:
         return pairs_file(self.pairs, "train")
 
     @property
-    def convert_report(self) -> Path:
-        return self.pairs / CONVERT_REPORT
-
-    @property
     def model(self) -> ModelPaths:
         return ModelPaths(self.root / "model")
 
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval.json"
 
-
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.json"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.md"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "plots"
-
-    @property
-    def base_eval(self) -> Path:
-        return self.root / "base" / "eval.json"
+class RunPaths(Directory):
+    manifest = _under("manifest.json")
+    report = _under("report.md")
+    plots = _under("plots")
+    base_eval = _under("base", "eval.json")
 
     @property
     def sft(self) -> IterationPaths:

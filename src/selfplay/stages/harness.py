@@ -57,8 +57,8 @@ def _sample(s: dict[str, Any], metric_names: list[str]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _manager(include: str, defaults: bool):
-    """lm-eval's task index: its own ~15,000 tasks take 10-15 s to index, so once per process,
-    and not at all when every task asked for is in --lm_eval_include."""
+    """lm-eval's task index: its own thousands of tasks take seconds to index, so once per
+    process, and not at all when every task asked for is in --lm_eval_include."""
     from lm_eval.tasks import TaskManager
     return TaskManager(include_path=include or None, include_defaults=defaults)
 

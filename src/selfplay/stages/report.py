@@ -30,9 +30,7 @@ class ModelRow:
 
 def load_models(paths: RunPaths) -> list[ModelRow]:
     """One entry per model: θ_start, then θ_{t+1} of each finished iteration t."""
-    if not paths.base_eval.exists():
-        raise SelfplayError(f"{paths.root} holds no evaluation yet (base/eval.json); is it a "
-                            "run directory of `selfplay run`?")
+    require_run(paths)
     models = [ModelRow("start", Evaluation.read(paths.base_eval))]
     s = paths.sft
     if s.eval.exists():
@@ -46,6 +44,12 @@ def load_models(paths: RunPaths) -> list[ModelRow]:
             f"iteration {t}", Evaluation.read(it.eval), _train_log(it.model.log),
             ConvertReport.read(conv).splits.get("train") if conv.exists() else None))
     return models
+
+
+def require_run(paths: RunPaths) -> None:
+    if not paths.base_eval.exists():
+        raise SelfplayError(f"{paths.root} holds no evaluation yet (base/eval.json); is it a "
+                            "run directory of `selfplay run`?")
 
 
 def _train_log(log: Path) -> list[dict]:
@@ -285,9 +289,10 @@ def _lm_eval_plot(models: list[ModelRow], path: Path) -> Path | None:
 def write_report(run_dir: str | Path) -> str:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the iteration table."""
     paths = RunPaths(Path(run_dir))
-    models = load_models(paths)
-    writable_dir(paths.root, "RUN_DIR")            # checked before the plots are drawn
+    require_run(paths)
+    writable_dir(paths.root, "RUN_DIR")            # checked before anything is read or drawn
     writable_dir(paths.plots, "RUN_DIR/plots")
+    models = load_models(paths)
     manifest = json.loads(paths.manifest.read_text()) if paths.manifest.exists() else {}
     recipe = manifest.get("recipe", {})
     pngs = plots(models, paths.plots, recipe.get("method", "spin"))

@@ -5,7 +5,7 @@ log-prob carries a stamp of what computed it (the fingerprint of the model's wei
 truncation settings): it is only valid for exactly those tokens under exactly those weights,
 and the trainer uses it only when the stamp matches its reference.
 Input: generation shards (columns are added, same file names) or a pair dataset (written back
-in its own layout).
+with its own columns).
 """
 
 from __future__ import annotations

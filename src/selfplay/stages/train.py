@@ -135,7 +135,9 @@ def _fingerprint(reference: ScoreStamp, load_in_4bit: bool, pairs: list[TrainPai
     tokens."""
     h = hashlib.sha256(f"{reference.fingerprint}|{reference.max_length}|"
                        f"{reference.max_prompt_length}|{load_in_4bit}".encode())
-    if reference.bf16:  # only then, so that float32 caches written before --bf16 still hold
+    # Only then: a float32 cache, such as those of selfplay before f513a22 (2026-11-24, which
+    # added --bf16), keeps the fingerprint it was written with.
+    if reference.bf16:
         h.update(b"|bf16")
     for p in pairs:
         h.update(repr((p.chosen.input_ids, p.rejected.input_ids)).encode())
