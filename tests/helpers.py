@@ -134,3 +134,26 @@ def kill_at_random_point(args: list[str], marker: str, window: float, rng,
     proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL, f"ended before the kill ({delay:.2f} s)"
     return delay
+
+
+def kill_tree(pid: int) -> None:
+    """kill -9 a process and every process below it (a launcher's workers may sit in
+    sessions of their own, out of reach of a process-group kill)."""
+    import signal
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

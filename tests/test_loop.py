@@ -203,20 +203,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("machines", [1, 2])
-def test_two_processes_run_the_loop_as_one(machines, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("machines,fsdp", [(1, False), (2, False), (1, True)])
+def test_two_processes_run_the_loop_as_one(machines, fsdp, tiny_model_dir, tmp_path):
     """`accelerate launch -m selfplay run` on 2 CPU processes, on one machine or as two
     "machines" (two launchers, --num_machines 2, machine ranks 0 and 1, as users start a
     multi-node job; here on one host): each process generates its slice of the prompts and
-    trains data-parallel, the main process converts, evaluates and writes the manifest, and
-    every stage waits for both. The same pairs, answers and weights as one process with the
-    same global batch."""
+    trains data-parallel (or sharded, --fsdp), the main process converts, evaluates and
+    writes the manifest, and every stage waits for both. The same pairs, answers and weights
+    as one process with the same global batch."""
     import pyarrow.parquet as pq
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["--num_iterations", "1", "--optim", "adamw"]
     assert main(run_args(tiny_model_dir, one, *args)) == 0
-    half = run_args(tiny_model_dir, two, *args)       # 2 processes x 2 pairs = 4, as one
-    half[half.index("--per_device_train_batch_size") + 1] = "2"
+    half = run_args(tiny_model_dir, two, *args, *(["--fsdp", "true"] if fsdp else []))
+    half[half.index("--per_device_train_batch_size") + 1] = "2"   # 2 processes x 2 = 4
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if machines == 1:
@@ -245,3 +245,5 @@ def test_two_processes_run_the_loop_as_one(machines, tiny_model_dir, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     assert (two / "report.md").exists()
+    done = json.loads((two / "iter0" / "model" / "training_complete.json").read_text())
+    assert ("sharding" in done) == fsdp

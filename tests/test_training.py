@@ -357,15 +357,13 @@ def test_zero3_in_one_process_equals_plain_training(tiny_model_dir, pairs_dir, t
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("config", ["fsdp.yaml", "zero3.yaml"])
-def test_a_sharding_config_that_would_not_shard_is_refused(config, tiny_model_dir, pairs_dir,
-                                                           tmp_path):
-    """accelerate shards only on accelerators: on CPU an FSDP or ZeRO-3 config would run as
-    plain data-parallel processes (use_cpu: true), each with the whole model. Refused, in one
-    sentence, before any training; shown here on the shipped configs made to run on CPU."""
-    if config == "zero3.yaml":
-        pytest.importorskip("deepspeed")          # accelerate's launcher needs it installed
-    path = accelerate_config(tmp_path, config, num_processes=2, use_cpu=True,
+def test_a_zero3_config_that_would_not_shard_is_refused(tiny_model_dir, pairs_dir, tmp_path):
+    """accelerate shards with DeepSpeed only on accelerators: on CPU a ZeRO-3 config would
+    run as plain data-parallel processes (use_cpu: true), each with the whole model. Refused,
+    in one sentence, before any training, naming --fsdp, which shards on CPU too (an FSDP
+    config runs our FSDP2: tests/test_sharding.py)."""
+    pytest.importorskip("deepspeed")          # accelerate's launcher needs it installed
+    path = accelerate_config(tmp_path, "zero3.yaml", num_processes=2, use_cpu=True,
                              mixed_precision="no")
     res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                           str(path), "-m", "selfplay", "train", "--model",
@@ -374,12 +372,7 @@ def test_a_sharding_config_that_would_not_shard_is_refused(config, tiny_model_di
                          capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0
-    if config == "fsdp.yaml":          # FSDP v1 settings: accelerate's plugin wants a device
-        assert ("the accelerate config asks for FSDP, but accelerate" in res.stderr and
-                "cannot shard here (" in res.stderr
-                and "selfplay/trainer.py" not in res.stderr)    # said, not a traceback of ours
-    else:
-        assert ("the accelerate config asks for DEEPSPEED, but accelerate" in res.stderr and
-                "runs MULTI_CPU here (it shards only on GPUs and other accelerators)"
-                in res.stderr)
+    assert ("the accelerate config asks for DEEPSPEED, but accelerate" in res.stderr and
+            "runs MULTI_CPU here (it shards only on GPUs and other accelerators)"
+            in res.stderr and "--fsdp true" in res.stderr)
     assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -1,6 +1,6 @@
 """Processes and devices, decided in one place: the process group a launcher made, the device
-each process works on, launches that would not do what they ask for, and the accelerator a
-training runs on.
+each process works on, launches that would not do what they ask for, the accelerator a
+training runs on, and whether it is sharded (sharding.py applies FSDP2).
 
 Processes come from `accelerate launch` or `torchrun` (several machines: --num_machines /
 --nnodes); without a launcher a command is one process. Generation and training use every
@@ -10,6 +10,7 @@ does besides runs on the main process while the others wait (`Processes.on_main`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from datetime import timedelta
@@ -22,6 +23,7 @@ from accelerate.utils import broadcast_object_list
 
 from selfplay.config import ModelSettings, TrainingSettings
 from selfplay.errors import SelfplayError
+from selfplay.sharding import Sharding
 
 
 def world_size() -> int:
@@ -63,14 +65,50 @@ def check_launch(state, trains: bool = False) -> None:
             f"(distributed type {state.distributed_type.name}): each would work alone and "
             "write the same outputs; without a GPU, launch with --multi_gpu (or use_cpu: true "
             "in the config).")
-    for kind in ("FSDP", "DEEPSPEED"):
-        if trains and world > 1 and _launcher_asks(kind) \
-                and state.distributed_type.name != kind:
-            raise SelfplayError(
-                f"the accelerate config asks for {kind}, but accelerate {accelerate.__version__} "
-                f"runs {state.distributed_type.name} here (it shards only on GPUs and other "
-                "accelerators), so the model would not be sharded; on CPU, launch with "
-                "recipes/accelerate/multi_gpu.yaml, which is what would run.")
+    if trains and world > 1 and _launcher_asks("DEEPSPEED") \
+            and state.distributed_type.name != "DEEPSPEED":
+        raise SelfplayError(
+            f"the accelerate config asks for DEEPSPEED, but accelerate {accelerate.__version__} "
+            f"runs {state.distributed_type.name} here (it shards only on GPUs and other "
+            "accelerators), so the model would not be sharded; on CPU, shard with --fsdp true "
+            "(or recipes/accelerate/fsdp.yaml), which runs on CPU processes too.")
+
+
+def sharding_for(training: TrainingSettings) -> Sharding | None:
+    """How the training is sharded, if it is: --fsdp, or an accelerate FSDP config, whose
+    settings are read as accelerate sets them (FSDP_RESHARD_AFTER_FORWARD for FSDP2,
+    FSDP_SHARDING_STRATEGY for FSDP1, FSDP_OFFLOAD_PARAMS). One code path either way: ours."""
+    launcher = _launcher_asks("FSDP")
+    if not (training.fsdp or launcher):
+        return None
+    reshard, offload = training.fsdp_reshard_after_forward, training.fsdp_cpu_offload
+    if launcher:
+        strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", str(
+            strategy not in ("SHARD_GRAD_OP", "2"))).lower() == "true" and reshard
+        offload = offload or os.environ.get("FSDP_OFFLOAD_PARAMS", "").lower() == "true"
+    return Sharding(reshard_after_forward=reshard, cpu_offload=offload,
+                    bf16_params=training.fsdp_bf16_params)
+
+
+def activation_checkpointing(training: TrainingSettings) -> bool:
+    """--gradient_checkpointing, or an accelerate FSDP config's activation checkpointing."""
+    return training.gradient_checkpointing or (
+        _launcher_asks("FSDP")
+        and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true")
+
+
+@contextlib.contextmanager
+def _accelerate_plain():
+    """accelerate's own FSDP would take the model from an FSDP config (on CPU it refuses to
+    start); with the flag hidden while the accelerator is made, it forms the data-parallel
+    group our FSDP2 shards over."""
+    flag = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        yield
+    finally:
+        if flag is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = flag
 
 
 def training_accelerator(model: ModelSettings, training: TrainingSettings) -> Accelerator:
@@ -84,20 +122,15 @@ def training_accelerator(model: ModelSettings, training: TrainingSettings) -> Ac
     # tests reach it without a GPU). Several processes would form no group under it: on the
     # CPU path they run MULTI_CPU, which check_launch refuses in words that say so.
     deepspeed_alone = _launcher_asks("DEEPSPEED") and world_size() == 1
-    try:
+    sharded = sharding_for(training) is not None
+    if sharded and _launcher_asks("DEEPSPEED"):
+        raise SelfplayError("--fsdp shards with FSDP2, and the accelerate config asks for "
+                            "DeepSpeed: choose one of the two.")
+    with _accelerate_plain():
         accelerator = Accelerator(
             cpu=model.device == "cpu" or (on_cpu(model) and not deepspeed_alone),
             mixed_precision="bf16" if model.bf16 else "no",
             gradient_accumulation_steps=training.gradient_accumulation_steps)
-    except RuntimeError as e:   # an FSDP (v1) config on a machine without an accelerator
-        # accelerate's words for it change between releases ("no available devices", "not
-        # supported on cpu"): the launcher's flag and the missing device are what tell it
-        if not _launcher_asks("FSDP") or torch.cuda.is_available():
-            raise
-        raise SelfplayError(
-            f"the accelerate config asks for FSDP, but accelerate {accelerate.__version__} "
-            f"cannot shard here ({e}); on CPU, launch with recipes/accelerate/multi_gpu.yaml "
-            "(data parallel).") from None
     check_launch(accelerator.state, trains=True)
     return accelerator
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer)
 
 from selfplay import hub
 from selfplay.config import LoraSettings
@@ -307,9 +308,11 @@ def load_reward_model(spec: str, device: str = "cpu"):
 # ---------------------------------------------------------------------------------------
 
 def load_for_training(spec: str, dtype: str, lora: LoraSettings, device: torch.device, *,
-                      bf16: bool = False, gradient_checkpointing: bool = False):
+                      bf16: bool = False, gradient_checkpointing: bool = False,
+                      shape_only: bool = False):
     """(model, tokenizer) ready to train: full weights, a LoRA adapter, or QLoRA (a 4-bit NF4
-    base with double quantization, plus LoRA)."""
+    base with double quantization, plus LoRA). `shape_only`: on the meta device, without
+    weights (a sharded training's processes but the main one, which sends them theirs)."""
     src = resolve(spec)
     tok = load_tokenizer(src)
     # Master weights stay float32 unless asked: bf16 is mixed precision (--bf16).
@@ -320,8 +323,12 @@ def load_for_training(spec: str, dtype: str, lora: LoraSettings, device: torch.d
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
         kwargs["device_map"] = {"": device}
-    model = from_pretrained(AutoModelForCausalLM, src, **kwargs)
-    if not lora.load_in_4bit:
+    if shape_only:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(from_pretrained(AutoConfig, src), **kwargs)
+    else:
+        model = from_pretrained(AutoModelForCausalLM, src, **kwargs)
+    if not lora.load_in_4bit and not shape_only:
         model.to(device)
     model.config.use_cache = False
     if lora.load_in_4bit:

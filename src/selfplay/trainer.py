@@ -41,14 +41,18 @@ from selfplay.config import (
 from selfplay.data.run_paths import ModelPaths
 from selfplay.errors import SelfplayError
 from selfplay.io import write_json_atomic
-from selfplay.launch import training_accelerator
+from selfplay.launch import activation_checkpointing, sharding_for, training_accelerator
 from selfplay.logprobs import ResponseLogProbs
+from selfplay.sharding import (clip_grad_norm, footprint, full_state_dict, load_checkpoint,
+                               save_checkpoint, shard)
+from selfplay.sharding import close as close_sharding
 from selfplay.models import load_for_training, save_trained
 from selfplay.tracking import Trackers
 
-# (forward, this process's item indices) -> (loss to backpropagate, metrics, tokens);
+# (forward, this process's item indices, the whole micro-batch's across processes) ->
+# (loss to backpropagate, metrics, tokens);
 # forward(batch) runs the wrapped log-prob function under autocast.
-StepFn = Callable[[Callable[..., Any], list[int]],
+StepFn = Callable[[Callable[..., Any], list[int], list[int]],
                   tuple[torch.Tensor, dict[str, torch.Tensor], int]]
 
 
@@ -59,9 +63,13 @@ def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
     accelerator = training_accelerator(model, training)
     set_seed(seed)
     out.root.mkdir(parents=True, exist_ok=True)
+    # Sharded, only the main process loads the weights; the others build the model's shape
+    # and receive their slices from it (sharding.shard).
     lm, tok = load_for_training(model.model_name_or_path, model.dtype, lora, accelerator.device,
                                 bf16=model.bf16,
-                                gradient_checkpointing=training.gradient_checkpointing)
+                                gradient_checkpointing=activation_checkpointing(training),
+                                shape_only=sharding_for(training) is not None
+                                and not accelerator.is_main_process)
     return accelerator, lm, tok
 
 
@@ -119,6 +127,7 @@ class Run:
     total: int                      # updates in all
     step: int                       # updates done (> 0 when resumed)
     recipe: dict[str, Any]          # what the updates depend on; a checkpoint keeps it
+    sharded: bool = False           # FSDP2 (sharding.py), applied by us
 
 
 def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
@@ -129,13 +138,21 @@ def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
     weights (the reference pass: under FSDP and ZeRO-3 the unwrapped model's weights are
     partitioned or, off the main process, not loaded)."""
     wrapped = ResponseLogProbs(model, chunk_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(training, params)
-    ds = accelerator.state.deepspeed_plugin
-    if ds is not None:        # DeepSpeed reads the batch off a dataloader; ours is not one
-        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = \
-            training.per_device_train_batch_size
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    sharding = sharding_for(training)
+    if sharding is not None:       # ours, not accelerate's: it wraps the optimizer alone
+        full = wrapped.state_dict() if accelerator.is_main_process else None
+        wrapped = shard(wrapped, full, sharding, accelerator.device)
+        del full
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+        optimizer = accelerator.prepare(_optimizer(training, params))
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _optimizer(training, params)
+        ds = accelerator.state.deepspeed_plugin
+        if ds is not None:        # DeepSpeed reads the batch off a dataloader; ours is not one
+            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = \
+                training.per_device_train_batch_size
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     if before_restore is not None:
         before_restore(wrapped)
     ga = training.gradient_accumulation_steps
@@ -156,27 +173,36 @@ def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
                               num_training_steps=total)
     accelerator.register_for_checkpointing(scheduler)
 
-    recipe = _recipe(training, lengths, seed, accelerator.num_processes)
+    recipe = _recipe(training, lengths, seed, accelerator.num_processes, sharding is not None)
     step = 0
     if training.resume and _checkpoints(out):
         last = _checkpoints(out)[-1]
         state = json.loads((last / "trainer_state.json").read_text())
         _same_recipe(state.get("recipe", recipe), recipe, last)
-        accelerator.load_state(str(last))
+        if sharding is not None:
+            load_checkpoint(wrapped, optimizer.optimizer, scheduler, last)
+        else:
+            accelerator.load_state(str(last))
         step = state["step"]
         if accelerator.is_main_process:
             print(f"resuming from {last} (update {step} of {total})", file=sys.stderr)
     return Run(accelerator, wrapped, tok, optimizer, scheduler, params, batches_of, per_epoch,
-               total, step, recipe)
+               total, step, recipe, sharding is not None)
 
 
-def _recipe(training: TrainingSettings, lengths: list[int], seed: int,
-            processes: int) -> dict[str, Any]:
+def _recipe(training: TrainingSettings, lengths: list[int], seed: int, processes: int,
+            sharded: bool) -> dict[str, Any]:
     """The training options, seed, process count and data (as its items' token counts, a
-    cheap fingerprint) that a resumed training must share with its checkpoint."""
+    cheap fingerprint) that a resumed training must share with its checkpoint. A sharded
+    checkpoint loads on any process count: it keeps the global batch instead."""
     data = hashlib.sha256(json.dumps(lengths).encode()).hexdigest()[:16]
-    return {**recipe_of(dataclasses.asdict(training)),
-            "seed": seed, "processes": processes, "items": len(lengths), "data": data}
+    recipe = {**recipe_of(dataclasses.asdict(training)),
+              "seed": seed, "processes": processes, "items": len(lengths), "data": data}
+    if sharded:
+        recipe["global_batch"] = recipe.pop("per_device_train_batch_size") * recipe.pop(
+            "processes")
+        recipe["fsdp"] = True           # an accelerate FSDP config asks for it too
+    return recipe
 
 
 def _same_recipe(old: dict[str, Any], new: dict[str, Any], checkpoint: Path) -> None:
@@ -252,15 +278,18 @@ def loop(r: Run, training: TrainingSettings, out: ModelPaths, step_fn: StepFn) -
         for gbatch in r.batches_of(epoch)[skip:r.per_epoch * ga]:
             share = len(gbatch) // world
             with acc_.accumulate(r.wrapped):
-                loss, metrics, n_tok = step_fn(forward, gbatch[rank * share:(rank + 1) * share])
+                if r.sharded:       # FSDP2 reduce-scatters after the update's last batch only
+                    r.wrapped.set_requires_gradient_sync(acc_.sync_gradients)
+                loss, metrics, n_tok = step_fn(forward, gbatch[rank * share:(rank + 1) * share],
+                                               gbatch)
                 acc_.backward(loss)
                 for k, v in metrics.items():
                     micro.setdefault(k, []).append(v)
                 log.tokens += n_tok
                 if acc_.sync_gradients:
-                    norm = torch.as_tensor(
-                        acc_.clip_grad_norm_(r.params, training.max_grad_norm or float("inf")),
-                        dtype=torch.float32, device=dev)
+                    clip = clip_grad_norm if r.sharded else acc_.clip_grad_norm_
+                    norm = torch.as_tensor(clip(r.params, training.max_grad_norm or float("inf")),
+                                           dtype=torch.float32, device=dev)
                     _stop_if_not_finite(acc_, torch.stack(micro["loss"]), norm, step + 1, out)
                     micro.setdefault("grad_norm", []).append(norm)
                 r.optimizer.step()
@@ -274,7 +303,7 @@ def loop(r: Run, training: TrainingSettings, out: ModelPaths, step_fn: StepFn) -
             bar.set_postfix(loss=f"{log.update(step, micro):.4f}")
             micro = {}
             if training.save_steps and step % training.save_steps == 0 and step < r.total:
-                _save_checkpoint(acc_, out, step, r.recipe)
+                _save_checkpoint(r, out, step)
             if step >= r.total:
                 break
         epoch += 1
@@ -299,34 +328,59 @@ def _stop_if_not_finite(accelerator, losses: torch.Tensor, norm: torch.Tensor, u
         "or look for broken rows in the data.")
 
 
-def _save_checkpoint(accelerator, out: ModelPaths, step: int, recipe: dict[str, Any]) -> None:
+def _save_checkpoint(r: Run, out: ModelPaths, step: int) -> None:
+    """A resumable checkpoint, written to a temporary name and renamed when complete: sharded
+    (each process its own shard) or accelerate's state."""
+    accelerator = r.accelerator
     final = out.checkpoint(step)
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "recipe": recipe}))
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if r.sharded:
+        save_checkpoint(r.wrapped, r.optimizer.optimizer, r.scheduler, tmp)
+    else:
+        accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "recipe": r.recipe}))
         tmp.rename(final)
     accelerator.wait_for_everyone()
 
 
-def save_final(r: Run, lora: LoraSettings, base_spec: str, out: ModelPaths,
+def save_final(r: Run, lora: LoraSettings, base: ModelSettings, out: ModelPaths,
                record: dict[str, Any]) -> None:
     """The trained model in out.root, `record` in training_complete.json, checkpoints gone."""
     acc_ = r.accelerator
     acc_.wait_for_everyone()
-    state = None
-    if not lora.use_peft:   # every process takes part: it gathers ZeRO-3 / FSDP shards
+    model, state = acc_.unwrap_model(r.wrapped).model, None
+    if r.sharded:           # every process takes part: the whole weights, on the main one
+        record = {**record, "sharding": footprint(r.wrapped, r.optimizer.optimizer)}
+        if acc_.is_main_process:
+            f = record["sharding"]
+            print(f"sharded over {f['processes']} processes: each held at most "
+                  f"{max(f['state_bytes_per_process']) / 2**20:.0f} MiB of the "
+                  f"{f['state_bytes_whole'] / 2**20:.0f} MiB of weights, gradients and "
+                  "optimizer state", file=sys.stderr)
+        state = {k[len("model."):]: v for k, v in full_state_dict(r.wrapped).items()
+                 if k.startswith("model.")}
+        if lora.use_peft and acc_.is_main_process:
+            # merged or saved alone by PEFT, from a plain copy that holds the whole weights
+            model, _ = load_for_training(base.model_name_or_path, base.dtype, lora,
+                                         torch.device("cpu"))
+            model.load_state_dict(state)
+            state = None
+    elif not lora.use_peft:   # every process takes part: it gathers ZeRO-3 / FSDP shards
         state = {k[len("model."):]: v for k, v in acc_.get_state_dict(r.wrapped).items()
                  if k.startswith("model.")}
     if acc_.is_main_process:
-        save_trained(acc_.unwrap_model(r.wrapped).model, r.tok, out.root, lora, base_spec,
-                     state, out.adapter)
+        save_trained(model, r.tok, out.root, lora, base.model_name_or_path, state, out.adapter)
         write_json_atomic(out.complete, record)
         shutil.rmtree(out.checkpoints, ignore_errors=True)
     acc_.wait_for_everyone()
+    close_sharding()
 
 
 def skip_if_complete(out: ModelPaths, overwrite: bool) -> bool:

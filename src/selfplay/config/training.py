@@ -62,6 +62,23 @@ class TrainingSettings:
                          choices=tuple(LOSSES), feeds=_PAIR_TRAINING)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
                                        TRAIN_CMDS, resumable=True)
+    fsdp: bool = opt(False, "Shard the weights, gradients and optimizer state over the launched "
+                     "processes (FSDP2: each decoder layer, then the whole model), on CPU (gloo) "
+                     "and GPU (NCCL) alike; an accelerate FSDP config (recipes/accelerate/"
+                     "fsdp.yaml) asks for the same. Full fine-tuning and LoRA.", TRAIN_CMDS,
+                     feeds=TRAINING_STAGES)
+    fsdp_reshard_after_forward: bool = opt(
+        True, "With --fsdp: free each layer's gathered weights after its forward and gather "
+        "them again in backward (less memory, more communication; false: ZeRO-2's trade).",
+        TRAIN_CMDS, resumable=True)
+    fsdp_cpu_offload: bool = opt(False, "With --fsdp: keep the sharded weights, gradients and "
+                                 "optimizer state in CPU memory between uses (GPU memory for "
+                                 "larger models, at the cost of copies).", TRAIN_CMDS,
+                                 resumable=True)
+    fsdp_bf16_params: bool = opt(
+        False, "With --fsdp on GPUs: gather and compute with bfloat16 weights, reducing "
+        "gradients in float32 (FSDP2's mixed-precision policy); the reference log-probs are "
+        "then computed by the same policy before training.", TRAIN_CMDS, feeds=TRAINING_STAGES)
     group_by_length: bool = opt(True, "Batch pairs of similar length together (seeded), so "
                                 "that less compute goes to padding.", TRAIN_CMDS,
                                 feeds=TRAINING_STAGES)

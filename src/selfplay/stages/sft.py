@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 from selfplay.config import (
     DataSettings,
     LoraSettings,
@@ -29,11 +31,15 @@ from selfplay.trainer import StepFn, claim, loop, prepare, save_final, skip_if_c
 
 
 def sequence_step(seqs: list[Encoded], pad_id: int) -> StepFn:
-    """One micro-batch of prompt + reference sequences: the NLL of the reference tokens."""
-    def step(forward, idx: list[int]):
+    """One micro-batch of prompt + reference sequences: the NLL of the reference tokens, per
+    token of the whole micro-batch across processes. Their gradients are averaged, so each
+    process's sum counts once per process: one process at batch 4 and two at batch 2 take
+    the same update."""
+    def step(forward, idx: list[int], everyone: list[int]):
         batch = collate([seqs[i] for i in idx], pad_id)
         logp, n_tok = forward(batch)
-        loss = sft_nll(logp.float(), n_tok)
+        tokens = torch.tensor([sum(seqs[i].n_response for i in everyone)], device=logp.device)
+        loss = sft_nll(logp.float(), tokens) * (len(everyone) / len(idx))
         return loss, {"loss": loss.detach(), "response_tokens": n_tok.float().mean()}, \
             int(batch["attention_mask"].sum())
 
@@ -62,7 +68,7 @@ def sft(model: ModelSettings, data: DataSettings, scoring: ScoringSettings,
     r = prepare(accelerator, lm, tok, [len(s.input_ids) for s in seqs], training,
                 scoring.logprob_chunk_size, out, seed)
     step = loop(r, training, out, sequence_step(seqs, tok.pad_token_id))
-    save_final(r, lora, model.model_name_or_path, out,
+    save_final(r, lora, model, out,
                {"steps": step, "dataset": data.dataset, "split": data.split,
                 "examples": len(res.examples), "repeat": repeat, "skipped_rows": len(res.skipped),
                 "truncated": truncated})

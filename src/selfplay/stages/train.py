@@ -130,7 +130,8 @@ def load_pairs(sources: list[tuple[str, float]], data: DataSettings, scoring: Sc
 # 4. Reference log-probs, computed once
 # ---------------------------------------------------------------------------------------
 
-def _fingerprint(reference: ScoreStamp, load_in_4bit: bool, pairs: list[TrainPair]) -> str:
+def _fingerprint(reference: ScoreStamp, load_in_4bit: bool, pairs: list[TrainPair],
+                 bf16_params: bool = False) -> str:
     """The identity of a reference pass: the reference's weights, truncation, precision and
     tokens."""
     h = hashlib.sha256(f"{reference.fingerprint}|{reference.max_length}|"
@@ -139,6 +140,8 @@ def _fingerprint(reference: ScoreStamp, load_in_4bit: bool, pairs: list[TrainPai
     # added --bf16), keeps the fingerprint it was written with.
     if reference.bf16:
         h.update(b"|bf16")
+    if bf16_params:     # FSDP's bf16 weights: another computation of the same reference
+        h.update(b"|bf16-params")
     for p in pairs:
         h.update(repr((p.chosen.input_ids, p.rejected.input_ids)).encode())
     return h.hexdigest()[:16]
@@ -190,7 +193,7 @@ def reference_logps(scorer, pairs: list[TrainPair], pad_id: int, accelerator, ou
                     training: TrainingSettings, load_in_4bit: bool) -> None:
     """Fill every pair's reference log-probs: from the cache, the pairs, or computed once (by
     `scorer`, the prepared log-prob module, when θ_t is the model being trained)."""
-    fp = _fingerprint(reference, load_in_4bit, pairs)
+    fp = _fingerprint(reference, load_in_4bit, pairs, training.fsdp_bf16_params)
     # Every process reads the cache between two barriers, before the main one may write it, so
     # all take the same path: one that found the cache the main process had just written, and
     # returned, left the others waiting forever at the barrier below (seen with two launchers).
@@ -243,7 +246,7 @@ def pair_step(pairs: list[TrainPair], pad_id: int, training: TrainingSettings) -
         else ("real", "generated")
     probs_of = LOSS_PROBS.get(training.loss_type, {})
 
-    def step(forward, idx: list[int]):
+    def step(forward, idx: list[int], _: list[int]):   # a mean over pairs: equal shares
         ps = [pairs[i] for i in idx]
         batch = collate([p.chosen for p in ps] + [p.rejected for p in ps], pad_id)
         logps, _ = forward(batch)
@@ -276,8 +279,11 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
     ref_spec = training.reference_model or model.model_name_or_path
     reference = ScoreStamp(ref_spec, scoring.max_length, scoring.max_prompt_length,
                            fingerprint(ref_spec), model.bf16)
+    # Under QLoRA the starting policy is the 4-bit base, and with FSDP's bf16 weights the
+    # policy computes in bf16: neither is the float model that scored the pairs.
+    stored_ok = not (lora.load_in_4bit or training.fsdp_bf16_params)
     pairs, stats = load_pairs(sources, data, scoring, training.loss_type,
-                              None if lora.load_in_4bit else reference, tok)
+                              reference if stored_ok else None, tok)
     if accelerator.is_main_process and stats.unused_probs:
         print(f"warning: {', '.join(stats.unused_probs)} holds SPPO win probabilities "
               "(chosen_probs, chosen_probs_win, chosen_probs_lose), which --loss_type "
@@ -297,5 +303,5 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
     r = prepare(accelerator, lm, tok, lengths, training, scoring.logprob_chunk_size, out, seed,
                 before_restore=fill_reference)
     step = loop(r, training, out, pair_step(pairs, tok.pad_token_id, training))
-    save_final(r, lora, model.model_name_or_path, out, {"steps": step, **stats.to_json()})
+    save_final(r, lora, model, out, {"steps": step, **stats.to_json()})
     return out.root
