@@ -224,6 +224,26 @@ def test_a_sharded_run_that_diverges_stops_before_the_update(tiny_model_dir, dat
     assert not (out / "training_complete.json").exists()
 
 
+def test_bf16_weights_compute_the_reference_the_same_way(tiny_model_dir, data, tmp_path):
+    """--fsdp_bf16_params (FSDP2's mixed-precision policy: bf16 weights, float32 gradient
+    reduction): the reference log-probs come from the same policy, so the first update's
+    SPIN loss is exactly log 2, as in float32; CPU offload on a CPU is refused at once."""
+    import math
+    scored = tmp_path / "scored"         # float32 reference log-probs stored, stamped
+    assert main(["score", "--model", str(tiny_model_dir), "--dataset", str(data["spin"]),
+                 "--output_dir", str(scored)]) == 0
+    out = tmp_path / "bf16"
+    assert main(_args("spin", tiny_model_dir, {"spin": scored}, out, "--max_steps", "4",
+                      "--fsdp", "true", "--fsdp_bf16_params", "true",
+                      "--per_device_train_batch_size", "4")) == 0
+    assert json.loads((out / "training_complete.json").read_text())["stored_reference"] == 0
+    log = _log(out)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert log[-1]["loss"] < log[0]["loss"] - 0.01
+    assert main(_args("spin", tiny_model_dir, data, tmp_path / "off", "--fsdp", "true",
+                      "--fsdp_cpu_offload", "true")) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first,then", [(2, 4), (4, 2)])
 def test_four_processes_resume_two_and_the_reverse(first, then, tiny_model_dir, data, tmp_path):

@@ -103,12 +103,15 @@ def cmd_convert(cfg: Config, args: list[str]) -> int:
 
 
 def cmd_evaluate(cfg: Config, args: list[str]) -> int:
+    from selfplay.launch import process_state
     from selfplay.stages.evaluate import evaluate_models, format_table
 
     base = cfg.evaluation.baseline
     result = evaluate_models(cfg.model, cfg.data, cfg.generation.max_new_tokens, cfg.scoring,
                              cfg.evaluation)
     out = Path(cfg.job.output_dir)
+    if not process_state(cfg.model).is_main_process:    # the main process writes and says
+        return 0
     result.write(out / "eval.json")
     print(format_table(result, result.baseline,
                        name=Path(cfg.model.model_name_or_path).name[:10] or "model",
@@ -119,11 +122,15 @@ def cmd_evaluate(cfg: Config, args: list[str]) -> int:
 
 def cmd_rank(cfg: Config, args: list[str]) -> int:
     from selfplay.judges import make_judge
+    from selfplay.launch import process_state
     from selfplay.stages.rank import rank
 
-    for p in rank(Path(cfg.convert.shards_dir), Path(cfg.job.output_dir), make_judge(cfg.rank),
+    state = process_state()         # a judge per process, each on its own device
+    judge = make_judge(cfg.rank, str(state.device) if state.num_processes > 1 else None)
+    for p in rank(Path(cfg.convert.shards_dir), Path(cfg.job.output_dir), judge,
                   cfg.job.overwrite):
-        print(f"ranked: {p}")
+        if state.is_main_process:
+            print(f"ranked: {p}")
     return 0
 
 

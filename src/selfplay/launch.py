@@ -42,12 +42,15 @@ def on_cpu(model: ModelSettings) -> bool:
     return model.device == "cpu" or not torch.cuda.is_available()
 
 
-def process_state(model: ModelSettings, wait_hours: float | None = None) -> PartialState:
-    """The launched processes as accelerate sees them, checked (check_launch). `wait_hours`:
-    how long a collective may wait, when the others wait on the main process's work (an
-    evaluation, a ranking) far beyond the default (10 minutes on NCCL, 30 on gloo)."""
+def process_state(model: ModelSettings | None = None,
+                  wait_hours: float | None = None) -> PartialState:
+    """The launched processes as accelerate sees them, checked (check_launch); on the
+    model's device (without one: a GPU when there is one). `wait_hours`: how long a
+    collective may wait, when the others wait on the main process's work (a conversion, a
+    report) far beyond the default (10 minutes on NCCL, 30 on gloo)."""
     kwargs = {"timeout": timedelta(hours=wait_hours)} if wait_hours else {}
-    state = PartialState(cpu=on_cpu(model), **kwargs)
+    cpu = on_cpu(model) if model is not None else not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, **kwargs)
     check_launch(state)
     return state
 
@@ -122,8 +125,7 @@ def training_accelerator(model: ModelSettings, training: TrainingSettings) -> Ac
     # tests reach it without a GPU). Several processes would form no group under it: on the
     # CPU path they run MULTI_CPU, which check_launch refuses in words that say so.
     deepspeed_alone = _launcher_asks("DEEPSPEED") and world_size() == 1
-    sharded = sharding_for(training) is not None
-    if sharded and _launcher_asks("DEEPSPEED"):
+    if sharding_for(training) is not None and _launcher_asks("DEEPSPEED"):
         raise SelfplayError("--fsdp shards with FSDP2, and the accelerate config asks for "
                             "DeepSpeed: choose one of the two.")
     with _accelerate_plain():
@@ -132,6 +134,10 @@ def training_accelerator(model: ModelSettings, training: TrainingSettings) -> Ac
             mixed_precision="bf16" if model.bf16 else "no",
             gradient_accumulation_steps=training.gradient_accumulation_steps)
     check_launch(accelerator.state, trains=True)
+    sharding = sharding_for(training)
+    if sharding is not None and sharding.cpu_offload and accelerator.device.type == "cpu":
+        raise SelfplayError("--fsdp_cpu_offload keeps a GPU's sharded state in CPU memory; "
+                            "these processes run on the CPU already: leave it off.")
     return accelerator
 
 

@@ -2,10 +2,11 @@
 with `torch.distributed.fsdp.fully_shard` over a mesh of the launched processes, the same
 code on CPU (gloo) and GPU (NCCL), as torchtitan and torchtune apply it.
 
-  build    the main process loads the weights; every other builds the model on the meta
-           device (no memory); after sharding, each receives its own slice from the main
-           process (`set_model_state_dict(..., broadcast_from_rank0=True)`), and the buffers
-           the weights do not hold (rotary frequencies) are broadcast from it too
+  build    the main process loads the weights into CPU memory; every other builds the model
+           on the meta device (no memory); after sharding, each allocates its own slices on
+           its device and receives them from the main process
+           (`set_model_state_dict(..., broadcast_from_rank0=True)`), and the buffers the
+           weights do not hold (rotary frequencies) are broadcast from it too
   train    gradients are reduce-scattered (averaged, as DDP's all-reduce); the gradient norm
            is taken over the shards (DTensors) and clipped on each
   save     resumable checkpoints through torch.distributed.checkpoint: each process writes
@@ -20,6 +21,7 @@ layer, which FSDP gathers in the root's forward.
 
 from __future__ import annotations
 
+import ctypes
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,13 +84,29 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard(module: nn.Module, full_state: dict[str, torch.Tensor] | None, sharding: Sharding,
-          device: torch.device) -> nn.Module:
+def shard(module: nn.Module, sharding: Sharding, device: torch.device, main: bool
+          ) -> nn.Module:
     """Shard `module` (in place) over every process and give each its slice of the weights.
 
-    `full_state`: the main process's whole state dict (None on the others, whose module was
-    built on the meta device)."""
+    The main process's module holds the weights, in CPU memory; the others' was built on the
+    meta device. Every process shards the bare shape, allocates only its slices on `device`,
+    and receives them from the main process, so that no process but the main one ever holds
+    the whole model, and it only in CPU memory, never on its GPU."""
     mesh = mesh_of(device)
+    if device.type == "cpu":
+        _release_freed_blocks()
+    full = buffers = None
+    if main:
+        full = module.state_dict()
+        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+        # to the meta device like the others' (`full` keeps the weights); swapping in place
+        # keeps a tied output layer tied to the embeddings, as the others' is
+        swap = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            module.to("meta")
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(swap)
     kwargs = {"mesh": mesh}
     if sharding.bf16_params:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
@@ -99,15 +117,27 @@ def shard(module: nn.Module, full_state: dict[str, torch.Tensor] | None, shardin
         fully_shard(layer, reshard_after_forward=sharding.reshard_after_forward, **kwargs)
     # The root's weights (embeddings, output layer) are used again at once in backward.
     fully_shard(module, reshard_after_forward=False, **kwargs)
-    if full_state is None:
-        module.to_empty(device="cpu" if sharding.cpu_offload else device)
-    set_model_state_dict(module, full_state or {},
+    module.to_empty(device="cpu" if sharding.cpu_offload else device)
+    set_model_state_dict(module, full or {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    # Buffers outside the state dict (a rotary embedding's frequencies) are still empty on
-    # the processes that built on the meta device.
-    for _, buf in module.named_buffers():
+    # Buffers outside the state dict (a rotary embedding's frequencies): the main process's.
+    for name, buf in module.named_buffers():
+        if main:
+            buf.data.copy_(buffers[name])
         dist.broadcast(buf.data, src=0)
     return module
+
+
+def _release_freed_blocks() -> None:
+    """On CPU, every layer's weights are gathered, used and freed at each forward and
+    backward. glibc serves blocks below its mmap threshold from its heap and keeps them when
+    freed, and the threshold rises with each large block freed: each process would end up
+    holding about the whole model's worth of freed blocks (docs/scaling.md measures it). A
+    fixed 1 MiB threshold maps large blocks and unmaps them on free."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)       # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):                       # not glibc: nothing to do
+        pass
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -63,13 +63,14 @@ def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
     accelerator = training_accelerator(model, training)
     set_seed(seed)
     out.root.mkdir(parents=True, exist_ok=True)
-    # Sharded, only the main process loads the weights; the others build the model's shape
-    # and receive their slices from it (sharding.shard).
-    lm, tok = load_for_training(model.model_name_or_path, model.dtype, lora, accelerator.device,
+    # Sharded, only the main process loads the weights, into CPU memory; the others build
+    # the model's shape and receive their slices from it (sharding.shard).
+    sharded = sharding_for(training) is not None
+    lm, tok = load_for_training(model.model_name_or_path, model.dtype, lora,
+                                torch.device("cpu") if sharded else accelerator.device,
                                 bf16=model.bf16,
                                 gradient_checkpointing=activation_checkpointing(training),
-                                shape_only=sharding_for(training) is not None
-                                and not accelerator.is_main_process)
+                                shape_only=sharded and not accelerator.is_main_process)
     return accelerator, lm, tok
 
 
@@ -140,9 +141,7 @@ def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
     wrapped = ResponseLogProbs(model, chunk_size)
     sharding = sharding_for(training)
     if sharding is not None:       # ours, not accelerate's: it wraps the optimizer alone
-        full = wrapped.state_dict() if accelerator.is_main_process else None
-        wrapped = shard(wrapped, full, sharding, accelerator.device)
-        del full
+        wrapped = shard(wrapped, sharding, accelerator.device, accelerator.is_main_process)
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = accelerator.prepare(_optimizer(training, params))
     else:

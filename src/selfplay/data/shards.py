@@ -120,15 +120,16 @@ def list_shards(directory: Path) -> list[Path]:
     return sorted(p for p in Path(directory).glob("*.jsonl") if SHARD_RE.match(p.name))
 
 
-def pending(shards: list[Path], out_dir: Path, overwrite: bool, done: str
+def pending(shards: list[Path], out_dir: Path, overwrite: bool, done: str, say: bool = True
             ) -> list[tuple[Path, Path]]:
     """(shard, its output in out_dir) for each shard a stage has still to process; a finished
-    output is skipped, with a word, unless overwrite."""
+    output is skipped, with a word (`say`), unless overwrite."""
     todo = []
     for p in shards:
         dest = Path(out_dir) / p.name
         if dest.exists() and not overwrite:
-            print(f"{dest} is {done} already; skipping it.", file=sys.stderr)
+            if say:
+                print(f"{dest} is {done} already; skipping it.", file=sys.stderr)
         else:
             todo.append((p, dest))
     return todo

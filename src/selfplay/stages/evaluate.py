@@ -12,12 +12,16 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
+from accelerate.utils import gather_object
+
 from selfplay.config import DataSettings, EvaluationSettings, ModelSettings, ScoringSettings
 from selfplay.data.evaluations import EvalRow, Evaluation, FamilyScore
 from selfplay.data.formats import Example, held_out_split, read_for
+from selfplay.data.shards import process_slice
 from selfplay.data.tasks import check
 from selfplay.engines import Engine, Generation, SamplingSettings, open_engine, scoring_model
 from selfplay.errors import SelfplayError
+from selfplay.launch import process_state
 from selfplay.logprobs import score_texts
 from selfplay.models import load_tokenizer
 from selfplay.rendering import response_ids
@@ -42,43 +46,67 @@ def win_rate(ours: list[bool | None], theirs: list[bool | None]) -> float | None
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
 
 
-def evaluate(engine: Engine, examples: list[Example], max_new_tokens: int, batch_size: int,
-             scoring: ScoringSettings, desc: str = "evaluate",
-             reference_likelihood: bool = True, loaded: ModelSettings | None = None
-             ) -> Evaluation:
-    """Greedy generation on every prompt, then the measures, with a row per prompt.
-    `loaded` names the engine's model, which measures reference likelihood."""
+def answer(engine: Engine, examples: list[Example], max_new_tokens: int, batch_size: int,
+           scoring: ScoringSettings, desc: str = "evaluate", reference_likelihood: bool = True,
+           loaded: ModelSettings | None = None
+           ) -> tuple[list[EvalRow], list[tuple[float, int]] | None]:
+    """Greedy answers to the prompts, a row each, and with reference_likelihood each
+    reference's summed log-prob and token count. `loaded` names the engine's model, which
+    measures reference likelihood."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0,
                                 batch_size=batch_size)
     gens = engine.generate([e.prompt for e in examples], settings, desc=desc)
-    right = correctness(examples, gens)
-    ref_logp = None
-    if reference_likelihood:
-        model, tokenizer = scoring_model(engine, loaded)
-        scored = score_texts(model, tokenizer, [(e.prompt, [e.reference]) for e in examples],
-                             scoring.max_length, scoring.max_prompt_length, batch_size,
-                             scoring.logprob_chunk_size, desc="reference likelihood",
-                             bf16=bool(loaded and loaded.bf16))
-        ref_logp = sum(s[0][0] for s in scored) / max(sum(s[1][0] for s in scored), 1)
+    rows = [EvalRow(e.prompt_id, e.extra.get("family"), e.extra.get("answer"), g.text,
+                    g.n_tokens, g.finish_reason, r)
+            for e, g, r in zip(examples, gens, correctness(examples, gens))]
+    if not reference_likelihood:
+        return rows, None
+    model, tokenizer = scoring_model(engine, loaded)
+    scored = score_texts(model, tokenizer, [(e.prompt, [e.reference]) for e in examples],
+                         scoring.max_length, scoring.max_prompt_length, batch_size,
+                         scoring.logprob_chunk_size, desc="reference likelihood",
+                         bf16=bool(loaded and loaded.bf16))
+    return rows, [(s[0][0], s[1][0]) for s in scored]
+
+
+def summarize(rows: list[EvalRow], ref: list[tuple[float, int]] | None,
+              settings: dict) -> Evaluation:
+    """The measures of answered prompts: accuracy with its interval, overall and per family,
+    reference likelihood per token, lengths."""
     fam: dict[str, list[bool]] = defaultdict(list)
-    for e, r in zip(examples, right):
-        if r is not None:
-            fam[e.extra["family"]].append(r)
-    checked = [r for r in right if r is not None]
+    for r in rows:
+        if r.correct is not None:
+            fam[r.family].append(r.correct)
+    checked = [r.correct for r in rows if r.correct is not None]
     return Evaluation(
-        n=len(examples),
+        n=len(rows),
         accuracy=(sum(checked) / len(checked)) if checked else None,
         accuracy_ci95=list(wilson_interval(sum(checked), len(checked))) if checked else None,
         per_family={f: FamilyScore(len(v), sum(v) / len(v), list(wilson_interval(sum(v), len(v))))
                     for f, v in sorted(fam.items())},
-        reference_logp_per_token=ref_logp,
-        mean_response_tokens=sum(g.n_tokens for g in gens) / len(gens),
-        truncated_share=sum(g.finish_reason == "length" for g in gens) / len(gens),
-        settings={"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True,
-                  "engine": engine.name, "max_length": scoring.max_length,
-                  "max_prompt_length": scoring.max_prompt_length},
-        rows=[EvalRow(e.prompt_id, e.extra.get("family"), e.extra.get("answer"), g.text,
-                      g.n_tokens, g.finish_reason, r) for e, g, r in zip(examples, gens, right)])
+        reference_logp_per_token=None if ref is None else
+        sum(lp for lp, _ in ref) / max(sum(n for _, n in ref), 1),
+        mean_response_tokens=sum(r.n_tokens for r in rows) / len(rows),
+        truncated_share=sum(r.finish_reason == "length" for r in rows) / len(rows),
+        settings=settings, rows=rows)
+
+
+def evaluate(engine: Engine, examples: list[Example], max_new_tokens: int, batch_size: int,
+             scoring: ScoringSettings, desc: str = "evaluate",
+             reference_likelihood: bool = True, loaded: ModelSettings | None = None
+             ) -> Evaluation:
+    """Greedy generation on every prompt, then the measures, with a row per prompt (in one
+    process; evaluate_models spreads the prompts over the launched processes)."""
+    rows, ref = answer(engine, examples, max_new_tokens, batch_size, scoring, desc,
+                       reference_likelihood, loaded)
+    return summarize(rows, ref, how_evaluated(engine, max_new_tokens, batch_size, scoring))
+
+
+def how_evaluated(engine: Engine, max_new_tokens: int, batch_size: int,
+                  scoring: ScoringSettings) -> dict:
+    return {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True,
+            "engine": engine.name, "max_length": scoring.max_length,
+            "max_prompt_length": scoring.max_prompt_length}
 
 
 def answer_budget(tokenizer, examples: list[Example], cap: int, explicit: int = 0) -> int:
@@ -124,20 +152,28 @@ def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: in
     if baseline.endswith(".json"):      # a saved evaluation: checked now, before any work
         baseline_rows = saved_rows(Path(baseline), [e.prompt_id for e in examples])
 
+    state = process_state(model)     # each process answers its share; all get the whole
+    lo, hi = process_slice(len(examples), state.process_index, state.num_processes)
+    device = str(state.device) if model.device == "auto" else model.device
+
     def run(spec: str, label: str) -> Evaluation:
-        this = replace(model, model_name_or_path=spec)
-        engine = open_engine(this)
+        this = replace(model, model_name_or_path=spec, device=device)
+        engine = open_engine(this, process_index=state.process_index,
+                             num_processes=state.num_processes)
         try:
-            r = evaluate(engine, examples, budget, model.inference_batch_size(), scoring,
-                         desc=f"evaluate {label}",
-                         reference_likelihood=evaluation.reference_likelihood, loaded=this)
+            rows, ref = answer(engine, examples[lo:hi], budget, model.inference_batch_size(),
+                               scoring, f"evaluate {label}", evaluation.reference_likelihood,
+                               this)
         finally:
             engine.close()
+        rows, ref = gather_object(rows), None if ref is None else gather_object(ref)
+        r = summarize(rows, ref, how_evaluated(engine, budget, model.inference_batch_size(),
+                                               scoring))
         r.model = spec
         return r
 
     result = run(model.model_name_or_path, "model")
-    if evaluation.lm_eval_tasks:
+    if evaluation.lm_eval_tasks and state.is_main_process:    # lm-eval runs its own loop
         result.lm_eval = harness(model, evaluation, model.inference_batch_size())
     if baseline and not baseline.endswith(".json"):
         base = run(baseline, "baseline")

@@ -72,7 +72,7 @@ class Run:
     paths: RunPaths
     manifest: Manifest
     procs: Processes
-    judge: Judge | None         # SPPO's; it ranks and evaluates on the main process
+    judge: Judge | None         # SPPO's, on every process
 
 
 @dataclass
@@ -128,7 +128,8 @@ def open_run(cfg: Config) -> Run:
     if "wandb" in parse_report_to(cfg.training.report_to):
         # the run's trainings and its report side by side in W&B
         os.environ.setdefault("WANDB_RUN_GROUP", paths.root.resolve().name)
-    judge = make_judge(cfg.rank) if cfg.run.method == "sppo" and procs.main else None
+    # every process judges its share of the ranking, on its own device
+    judge = make_judge(cfg.rank, str(procs.state.device)) if cfg.run.method == "sppo" else None
     return Run(cfg, paths, manifest, procs, judge)
 
 
@@ -191,11 +192,12 @@ def generate_step(r: Run, it: Iteration) -> None:
 
 
 def rank_step(r: Run, it: Iteration) -> None:
-    """SPPO: the judge's K×K matrix for each prompt's samples."""
+    """SPPO: the judge's K×K matrix for each prompt's samples, each process judging its
+    share."""
     def work() -> None:
         rank(it.paths.generated, it.paths.ranked, r.judge)
 
-    r.manifest.stage(it.key("rank"), [it.paths.ranked], work)
+    r.manifest.stage(it.key("rank"), [it.paths.ranked], work, everyone=True)
 
 
 def convert_step(r: Run, it: Iteration) -> None:
@@ -233,17 +235,19 @@ def evaluate_step(r: Run, key: str, c: Config, model: Model, previous: Model | N
     the previous model's answers; with a judge (SPPO's), also its win rate against them."""
     held_out = replace(c.data, max_prompts=0, skip_prompts=0)
 
-    def work() -> None:
+    def work() -> None:         # every process answers its share of the prompts
         prev_rows = Evaluation.read(previous.eval).rows if previous else None
         result = evaluate_models(replace(c.model, model_name_or_path=model.path), held_out,
                                  c.generation.max_new_tokens, c.scoring,
                                  replace(c.evaluation, baseline=""), baseline_rows=prev_rows)
+        if not r.procs.main:
+            return
         if judge is not None:
             result.judge_win_rate = judge_win_rate(held_out, judge, result.rows, prev_rows)
             result.judge = judge.name
         result.write(model.eval)
 
-    r.manifest.stage(key, [model.eval], work)
+    r.manifest.stage(key, [model.eval], work, everyone=True)
 
 
 def finish(r: Run, last: Model) -> Path:
