@@ -208,6 +208,22 @@ def test_two_machines_of_one_process_each_shard_as_two_processes(tiny_model_dir,
     assert_sharded(two, 2)
 
 
+def test_torchrun_launches_the_same_sharding(tiny_model_dir, data, tmp_path):
+    """`torchrun --nproc_per_node 2 -m selfplay train --fsdp true`: no accelerate launcher."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args("spin", tiny_model_dir, data, one, "--max_steps", "2",
+                      "--per_device_train_batch_size", "4")) == 0
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                          "2", "-m", "selfplay", *_args("spin", tiny_model_dir, data, two,
+                                                        "--max_steps", "2", "--fsdp", "true",
+                                                        "--per_device_train_batch_size", "2")],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_training(one, two)
+    assert_sharded(two, 2)
+
+
 def test_a_sharded_run_that_diverges_stops_before_the_update(tiny_model_dir, data, tmp_path,
                                                              capsys):
     """The non-finite check over sharded gradients (one process, its own group)."""
