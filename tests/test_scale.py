@@ -7,11 +7,14 @@ docs/reliability.md).
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 import bench_scale  # noqa: E402
 
 
+@pytest.mark.slow          # a ratio of wall times: bench_scale's, run with -m slow
 def test_reading_sharding_and_converting_grow_linearly(tiny_model_dir, tmp_path):
     small, large = 300, 3000
     got = bench_scale.measure([small, large], str(tiny_model_dir), tmp_path)

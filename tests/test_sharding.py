@@ -53,8 +53,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 CASES = {        # the command, its data (a key of the `data` fixture) and its own options
     "spin": ("train", "spin", []),
-    "lora": ("train", "spin", ["--use_peft", "true", "--lora_dropout", "0"]),
-    "sppo": ("train", "sppo", ["--loss_type", "sppo", "--beta", "1.0"]),
+    "sppo-lora": ("train", "sppo", ["--loss_type", "sppo", "--beta", "1.0", "--use_peft", "true",
+                                    "--lora_dropout", "0"]),
     "sft": ("sft", "builtin:tasks", ["--max_prompts", "16"]),
     # 16 pairs: global batches of 8 whole at any process count (a last, short batch is filled
     # to a multiple of the process count, so 18 would train otherwise on 4 processes than 2)
@@ -106,37 +106,36 @@ def assert_sharded(out: Path, processes: int) -> dict:
     return s
 
 
-@pytest.mark.parametrize("case", ["spin", "lora", "sppo", "sft"])
-def test_fsdp_on_two_processes_equals_one_process(case, tiny_model_dir, data, tmp_path):
-    """SPIN's, SPPO's and SFT's losses, full fine-tuning and LoRA: 2 sharded processes at
-    batch 2 against one unsharded process at batch 4."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(_args(case, tiny_model_dir, data, one, "--max_steps", "3",
-                      "--per_device_train_batch_size", "4")) == 0
-    res = launch(_args(case, tiny_model_dir, data, two, "--max_steps", "3",
-                       "--per_device_train_batch_size", "2", "--fsdp", "true"))
-    assert "sharded over 2 processes" in res.stderr
-    assert_same_training(one, two)
-    assert_sharded(two, 2)
-    assert _log(two)[-1]["loss"] != _log(two)[0]["loss"]       # it trained
-
-
-def test_the_shipped_fsdp_config_runs_the_same_sharding(tiny_model_dir, data, tmp_path):
-    """recipes/accelerate/fsdp.yaml, made to run on 2 CPU processes: our FSDP2, not
-    accelerate's (which refuses a CPU) nor plain data parallelism."""
+def _shipped_fsdp_config(tmp_path: Path) -> Path:
+    """recipes/accelerate/fsdp.yaml made to run on 2 CPU processes."""
     import yaml
     cfg = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "accelerate" / "fsdp.yaml")
                          .read_text())
     cfg.update(num_processes=2, use_cpu=True, mixed_precision="no")
     config = tmp_path / "fsdp.yaml"
     config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+@pytest.mark.parametrize("case", ["spin", "sppo-lora", "sft"])
+def test_fsdp_on_two_processes_equals_one_process(case, tiny_model_dir, data, tmp_path):
+    """SPIN's, SPPO's and SFT's losses, full fine-tuning and LoRA: 2 sharded processes at
+    batch 2 against one unsharded process at batch 4. SPIN runs under the shipped
+    recipes/accelerate/fsdp.yaml (made to run on CPU: our FSDP2, not accelerate's, which
+    refuses a CPU, nor plain data parallelism); the others under --fsdp true."""
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(_args("spin", tiny_model_dir, data, one, "--max_steps", "2",
+    assert main(_args(case, tiny_model_dir, data, one, "--max_steps", "3",
                       "--per_device_train_batch_size", "4")) == 0
-    launch(_args("spin", tiny_model_dir, data, two, "--max_steps", "2",
-                 "--per_device_train_batch_size", "2"), config=config)
+    args = _args(case, tiny_model_dir, data, two, "--max_steps", "3",
+                 "--per_device_train_batch_size", "2")
+    if case == "spin":
+        res = launch(args, config=_shipped_fsdp_config(tmp_path))
+    else:
+        res = launch(args + ["--fsdp", "true"])
+    assert "sharded over 2 processes" in res.stderr
     assert_same_training(one, two)
     assert_sharded(two, 2)
+    assert _log(two)[-1]["loss"] != _log(two)[0]["loss"]       # it trained
 
 
 def _kill_after_checkpoint(args: list[str], out: Path, processes: int = 2,
@@ -158,12 +157,13 @@ def _kill_after_checkpoint(args: list[str], out: Path, processes: int = 2,
 def test_a_sharded_training_killed_after_a_checkpoint_resumes_on_any_process_count(
         tiny_model_dir, data, tmp_path):
     """kill -9 after the checkpoint of update 2 of 6; resumed on 2 processes and on 1 (the
-    checkpoint is resharded as it is read), both reach the uninterrupted run's weights. Each
-    process wrote its own shard: none holds the whole optimizer state."""
+    checkpoint is resharded as it is read), both reach the weights of an uninterrupted run
+    (one unsharded process, which 2 sharded ones equal). Each process wrote its own shard:
+    none holds the whole optimizer state."""
     run = ["--max_steps", "6", "--save_steps", "2", "--fsdp", "true"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    launch(_args("spin", tiny_model_dir, data, whole, *run, "--per_device_train_batch_size",
-                 "2"))
+    assert main(_args("spin", tiny_model_dir, data, whole, "--max_steps", "6",
+                      "--per_device_train_batch_size", "4")) == 0     # unsharded, as 2 x 2
     _kill_after_checkpoint(_args("spin", tiny_model_dir, data, cut, *run,
                                  "--per_device_train_batch_size", "2"), cut)
     ckpt = sorted((cut / "checkpoints").glob("step-*"))[0]
@@ -183,10 +183,11 @@ def test_a_sharded_training_killed_after_a_checkpoint_resumes_on_any_process_cou
     assert_sharded(alone, 1)
 
 
-def test_two_machines_of_one_process_each_shard_as_two_processes(tiny_model_dir, data,
-                                                                  tmp_path):
-    """Two launchers, --num_machines 2 with machine ranks 0 and 1 (a multi-node job, here on
-    one host), one process each: sharded over both, equal to one process."""
+def test_two_machines_launched_by_torchrun_shard_as_two_processes(tiny_model_dir, data,
+                                                                   tmp_path):
+    """Two torchrun launchers, --nnodes 2 with node ranks 0 and 1 (a multi-node job, here on
+    one host), one process each, no accelerate launcher: sharded over both, equal to one
+    process."""
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -196,30 +197,13 @@ def test_two_machines_of_one_process_each_shard_as_two_processes(tiny_model_dir,
                       "--per_device_train_batch_size", "4")) == 0
     args = _args("spin", tiny_model_dir, data, two, "--max_steps", "2",
                  "--per_device_train_batch_size", "2", "--fsdp", "true")
-    procs = [subprocess.Popen(LAUNCH + ["--num_processes", "2", "--num_machines", "2",
-                                        "--machine_rank", str(r), "--main_process_ip",
-                                        "127.0.0.1", "--main_process_port", port, "-m",
-                                        "selfplay", *args],
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                               "--node_rank", str(r), "--nproc_per_node", "1", "--master_addr",
+                               "127.0.0.1", "--master_port", port, "-m", "selfplay", *args],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(2)]
     errs = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:]
-    assert_same_training(one, two)
-    assert_sharded(two, 2)
-
-
-def test_torchrun_launches_the_same_sharding(tiny_model_dir, data, tmp_path):
-    """`torchrun --nproc_per_node 2 -m selfplay train --fsdp true`: no accelerate launcher."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(_args("spin", tiny_model_dir, data, one, "--max_steps", "2",
-                      "--per_device_train_batch_size", "4")) == 0
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                          "2", "-m", "selfplay", *_args("spin", tiny_model_dir, data, two,
-                                                        "--max_steps", "2", "--fsdp", "true",
-                                                        "--per_device_train_batch_size", "2")],
-                         capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
     assert_same_training(one, two)
     assert_sharded(two, 2)
 
