@@ -55,7 +55,7 @@ CASES = {        # the command, its data (a key of the `data` fixture) and its o
     "spin": ("train", "spin", []),
     "sppo-lora": ("train", "sppo", ["--loss_type", "sppo", "--beta", "1.0", "--use_peft", "true",
                                     "--lora_dropout", "0"]),
-    "sft": ("sft", "builtin:tasks", ["--max_prompts", "16"]),
+    "sft": ("sft", "builtin:tasks", ["--max_prompts", "16", "--gradient_checkpointing", "true"]),
     # 16 pairs: global batches of 8 whole at any process count (a last, short batch is filled
     # to a multiple of the process count, so 18 would train otherwise on 4 processes than 2)
     "spin16": ("train", "spin16", []),
