@@ -155,3 +155,14 @@ def test_method_sppo_defaults_and_what_overrides_them(tmp_path):
     train = load_config("train", recipe)
     assert train.training.loss_type == "sppo" and train.data.max_prompts == 0
     assert train.job.output_dir == "checkpoints/spin"
+
+
+def test_a_recipe_key_given_twice_is_refused(tmp_path):
+    """As on the command line (before: YAML kept the last value without a word)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("max_new_tokens: 4\nlearning_rate: 1.0e-6\nmax_new_tokens: 8\n")
+    with pytest.raises(SelfplayError, match=r"gives 'max_new_tokens' twice \(lines 1 and 3\)"):
+        load_config("run", recipe)
+    recipe.write_text("iterations:\n  - {beta: 0.1, beta: 0.2}\n")
+    with pytest.raises(SelfplayError, match="gives 'beta' twice"):
+        load_config("run", recipe)

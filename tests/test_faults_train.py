@@ -157,3 +157,32 @@ def test_sppo_columns_under_a_pair_loss_are_named(tiny_model_dir, tmp_path, caps
     assert (f"warning: {data} holds SPPO win probabilities (chosen_probs, chosen_probs_win, "
             "chosen_probs_lose), which --loss_type sigmoid ignores; --loss_type sppo trains on "
             "them.") in capsys.readouterr().err
+
+
+def test_a_learning_rate_that_is_surely_a_typo_is_refused(tiny_model_dir, pairs_dir, tmp_path,
+                                                         capsys):
+    """1e5 for 1e-5 (before: the default model trained at it, loss 0.69 -> 4.53 -> 2.19,
+    and was saved as complete)."""
+    assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(pairs_dir),
+                 "--output_dir", str(tmp_path / "x"), "--learning_rate", "1e5"]) == 2
+    err = capsys.readouterr().err
+    assert "--learning_rate 100000 is above 0.01" in err and "did you mean 1e-05?" in err
+    assert "--allow_large_lr" in err and not (tmp_path / "x" / "train_log.jsonl").exists()
+    assert main(["run", "--sft_epochs", "1", "--sft_learning_rate", "0.5", "--use_peft",
+                 "--output_dir", str(tmp_path / "r")]) == 2
+    assert "--sft_learning_rate 0.5 is above 0.1, the most any LoRA" in capsys.readouterr().err
+
+
+def test_a_diverging_loss_stops_the_training(tiny_model_dir, tmp_path, capsys):
+    """A learning rate too large to be caught as a typo (allowed here): the loss of updates
+    11-20 averages more than 3 times that of 1-10, and training stops there, nothing saved
+    as complete, as the non-finite check stops."""
+    out = tmp_path / "div"
+    assert main(["sft", "--model", str(tiny_model_dir), "--max_prompts", "64", "--output_dir",
+                 str(out), "--learning_rate", "1.0", "--warmup_ratio", "0.9",
+                 "--allow_large_lr", "--max_steps", "40", "--per_device_train_batch_size", "2",
+                 "--logging_steps", "1", "--optim", "rmsprop", "--report_to", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "update 20: the loss of the last 10 updates" in err and "training diverges" in err
+    assert not (out / "training_complete.json").exists()
+    assert not (out / "model.safetensors").exists()

@@ -16,7 +16,7 @@ from typing import Callable
 
 from selfplay.config import Config, format_help, load_config
 from selfplay.errors import SelfplayError
-from selfplay.io import writable_dir
+from selfplay.io import output_lock, writable_dir
 
 
 @dataclass
@@ -107,9 +107,10 @@ def cmd_evaluate(cfg: Config, args: list[str]) -> int:
     from selfplay.stages.evaluate import evaluate_models, format_table
 
     base = cfg.evaluation.baseline
+    out = Path(cfg.job.output_dir)
+    keep_other_evaluation(out / "eval.json", cfg)
     result = evaluate_models(cfg.model, cfg.data, cfg.generation.max_new_tokens, cfg.scoring,
                              cfg.evaluation)
-    out = Path(cfg.job.output_dir)
     if not process_state(cfg.model).is_main_process:    # the main process writes and says
         return 0
     result.write(out / "eval.json")
@@ -118,6 +119,24 @@ def cmd_evaluate(cfg: Config, args: list[str]) -> int:
                        baseline_name=Path(base).name[:10] if base else ""))
     print(f"\nwrote {out / 'eval.json'}")
     return 0
+
+
+def keep_other_evaluation(path: Path, cfg: Config) -> None:
+    """Refuse to replace an evaluation of another model or dataset without --overwrite (an
+    unreadable one is an interrupted write of ours: replaced)."""
+    from selfplay.data.evaluations import Evaluation
+    from selfplay.data.formats import held_out_split
+    if cfg.job.overwrite or not path.exists():
+        return
+    try:
+        old = Evaluation.read(path)
+    except SelfplayError:
+        return
+    now = (cfg.model.model_name_or_path, cfg.data.dataset, held_out_split(cfg.data))
+    if (old.model, old.dataset, old.split) != now:
+        raise SelfplayError(f"{path} holds an evaluation of {old.model} on {old.dataset} "
+                            f"({old.split}); nothing was evaluated: pass --overwrite to replace "
+                            "it, or give another --output_dir.")
 
 
 def cmd_rank(cfg: Config, args: list[str]) -> int:
@@ -182,17 +201,32 @@ def cmd_tasks(cfg: Config, args: list[str]) -> int:
     from selfplay.data.tasks import FAMILIES, SPLITS, split_rows
     from selfplay.io import write_jsonl_atomic, write_parquet_atomic
 
-    action, out = args
-    if action != "export":
-        raise SelfplayError(f"unknown tasks action {action!r}; use `selfplay tasks export OUT`.")
+    _, out = args
     d = cfg.data
-    out_dir = writable_dir(Path(out), "OUT")
-    for split in SPLITS:
-        rows = split_rows(split, d.tasks_seed, d.tasks_sizes())
-        path = out_dir / f"{split}.{d.export_format}"
-        (write_parquet_atomic if d.export_format == "parquet" else write_jsonl_atomic)(path, rows)
-        print(f"wrote {path}: {len(rows)} examples in {len(FAMILIES)} families")
+    paths = {split: Path(out) / f"{split}.{d.export_format}" for split in SPLITS}
+    rows = {split: split_rows(split, d.tasks_seed, d.tasks_sizes()) for split in SPLITS}
+    for split, path in paths.items():          # a file of the same name is never lost
+        if path.exists() and not cfg.job.overwrite and _file_rows(path) != rows[split]:
+            raise SelfplayError(f"{path} exists and holds other rows; nothing was written: "
+                                "pass --overwrite to replace it, or give another OUT.")
+    for split, path in paths.items():
+        (write_parquet_atomic if d.export_format == "parquet" else write_jsonl_atomic)(
+            path, rows[split])
+        print(f"wrote {path}: {len(rows[split])} examples in {len(FAMILIES)} families")
     return 0
+
+
+def _file_rows(path: Path) -> list | None:
+    """The rows of an export already there, or None when it is not one we could have
+    written."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            return pq.read_table(path).to_pylist()
+        from selfplay.io import read_jsonl
+        return read_jsonl(path)
+    except Exception:  # noqa: BLE001 - any file that does not read back is not ours
+        return None
 
 
 COMMANDS: dict[str, Command] = {
@@ -247,9 +281,10 @@ COMMANDS = {name: COMMANDS[name] for name in (
     "sft", "generate", "score", "rank", "convert", "train", "evaluate", "run", "report",
     "compare", "tasks", "info")}
 
-# Commands that write under --output_dir: it is checked before any work starts.
+# Commands that write under --output_dir (tasks: OUT): it is checked and locked before any
+# work starts.
 WRITES_OUTPUT_DIR = {"generate", "score", "convert", "rank", "sft", "train", "evaluate", "run",
-                     "compare"}
+                     "compare", "tasks"}
 
 
 def _main_help() -> str:
@@ -334,9 +369,15 @@ def _main(argv: list[str] | None) -> int:
             raise SelfplayError(f"missing {' '.join(cmd.positionals[len(positionals):])}; usage: "
                                 f"{cmd.usage}")
         cfg = load_config(name, recipe, rest)
-        if name in WRITES_OUTPUT_DIR:
-            writable_dir(Path(cfg.job.output_dir))
-        return cmd.run(cfg, positionals)
+        if name == "tasks" and positionals[0] != "export":
+            raise SelfplayError(f"unknown tasks action {positionals[0]!r}; use `selfplay tasks "
+                                "export OUT`.")
+        if name not in WRITES_OUTPUT_DIR:
+            return cmd.run(cfg, positionals)
+        out = positionals[1] if name == "tasks" else cfg.job.output_dir
+        with output_lock(writable_dir(Path(out), "OUT" if name == "tasks" else "--output_dir"),
+                         name):
+            return cmd.run(cfg, positionals)
     except SelfplayError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

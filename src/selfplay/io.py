@@ -1,11 +1,16 @@
 """Files written so that a reader never sees a partial one: a temporary name, then a rename;
-the check that an output directory can be written before any work starts; and the reader of
-our own JSONL files."""
+the check that an output directory can be written before any work starts; the lock that
+keeps a second command from writing into it meanwhile; and the reader of our own JSONL
+files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import sys
+import time
 from pathlib import Path
 
 from selfplay.errors import SelfplayError
@@ -72,3 +77,87 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise SelfplayError(f"{path}, line {n}: not a JSON row ({type(e).__name__}); "
                                     "the file is truncated or corrupt.") from None
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# One writer per output directory
+# ---------------------------------------------------------------------------------------
+
+LOCK_NAME = ".selfplay-lock"
+
+
+def _started(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot), which a reused pid does not share;
+    None when no such process runs."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "?"           # alive, start time unknown (not Linux)
+
+
+def _holder_alive(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return True          # another machine's process: we cannot tell, so it holds
+    started = _started(int(holder.get("pid", -1)))
+    return started is not None and started in (holder.get("started"), "?")
+
+
+@contextlib.contextmanager
+def output_lock(directory: Path, command: str):
+    """Hold `directory` for one command while it writes: a second writer fails at once, in a
+    sentence naming the holder. Under a launcher the job's main process (RANK 0) holds it
+    for all its processes: if it cannot, it fails, and the launcher ends the others before
+    they write. A lock left by a process that died (kill -9) is taken over, with a line
+    saying so."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    path = Path(directory) / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+          "started": _started(os.getpid()), "since": time.time()}
+    _take(path, me)
+    try:
+        yield
+    finally:
+        if _read_lock(path).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _take(path: Path, me: dict) -> None:
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder and _holder_alive(holder):
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since",
+                                                                                       0)))
+                raise SelfplayError(
+                    f"{path.parent} is being written by another selfplay command "
+                    f"(`selfplay {holder.get('command', '?')}`, pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {since}); wait for it to end, or give "
+                    "another --output_dir.") from None
+            print(f"{path.parent}: taking over the lock of `selfplay "
+                  f"{holder.get('command', '?')}` (pid {holder.get('pid')}), which is no "
+                  "longer running.", file=sys.stderr)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        return
+    raise SelfplayError(f"{path.parent}: could not take its lock ({LOCK_NAME}); another "
+                        "command keeps taking it.")

@@ -31,10 +31,12 @@ from selfplay.config import (
     recipe_of,
     stage_kind,
 )
+from selfplay.data.formats import DATA_SUFFIXES
 from selfplay.data.run_paths import RunPaths
 from selfplay.errors import SelfplayError
 from selfplay.io import write_json_atomic
 from selfplay.launch import Processes
+from selfplay.models import fingerprint
 
 PACKAGES = ("selfplay", "torch", "transformers", "accelerate", "peft", "datasets", "vllm")
 
@@ -66,6 +68,30 @@ def checksums(paths: list[Path], root: Path) -> dict[str, str]:
     return out
 
 
+# An input kept by content, and the recipe key it is given by.
+INPUT_KEYS = {"dataset": "dataset", "model_name_or_path": "model"}
+
+
+def input_fingerprints(cfg: Config) -> dict[str, str]:
+    """`name@hash` of the run's dataset files (a local file or directory; the suite and hub
+    datasets are fixed by name and revision) and of its starting model's weights."""
+    out = {"model_name_or_path": f"{cfg.model.model_name_or_path}@"
+                                 f"{fingerprint(cfg.model.model_name_or_path)}"}
+    source = Path(cfg.data.dataset).expanduser()
+    files = [source] if source.is_file() else sorted(
+        p for p in source.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file()) \
+        if source.is_dir() else []
+    if files:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(source) if f != source else f.name).encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        out["dataset"] = f"{cfg.data.dataset}@{h.hexdigest()[:16]}"
+    return out
+
+
 def _fault(key: str) -> None:
     """Test hook: SELFPLAY_KILL_AFTER=<stage> kills the process after the stage's work and
     before the manifest records it, the worst moment for a crash."""
@@ -89,6 +115,7 @@ class Manifest:
                  engine: str):
         self.path, self.root, self.procs, self.order = paths.manifest, paths.root, procs, order
         recipe = recipe_of(cfg.flat())
+        inputs = input_fingerprints(cfg)
         exists = self.path.exists()
         if exists:
             self.data = json.loads(self.path.read_text())
@@ -105,9 +132,11 @@ class Manifest:
                     + "); use the same recipe to resume, another --output_dir, or --force.")
             if diff:
                 self._force(old, recipe, diff)
+            self._same_inputs(inputs, cfg.run.force)
             self.data["recipe"] = recipe
         else:
             self.data = {"recipe": recipe, "stages": {}, "created": time.time()}
+        self.data["inputs"] = inputs
         self.data["versions"] = {p: package_version(p) for p in PACKAGES}
         self.data["engine"] = engine
         self.data["seeds"] = {"seed": cfg.job.seed, "tasks_seed": cfg.data.tasks_seed}
@@ -116,6 +145,22 @@ class Manifest:
     def save(self) -> None:
         if self.procs.main:       # the others keep the same record in memory
             write_json_atomic(self.path, self.data)
+
+    def _same_inputs(self, inputs: dict[str, str], force: bool) -> None:
+        """Refuse a run whose dataset or starting model changed in place since it began (the
+        same names, other content): its finished stages would mix old and new data. With
+        --force, every stage that reads the changed input is redone."""
+        old = self.data.get("inputs") or {}      # manifests from before inputs were kept
+        changed = sorted(k for k in inputs if k in old and old[k] != inputs[k])
+        if not changed:
+            return
+        what = " and ".join(f"the {INPUT_KEYS[k]} {inputs[k].split('@')[0]!r}" for k in changed)
+        if not force:
+            raise SelfplayError(
+                f"{self.root} was started on other inputs: {what} changed since (the content "
+                "differs), and its finished stages would mix old and new data; use --force to "
+                "redo the stages that read it, or another --output_dir.")
+        self._force({k: old[k] for k in changed}, {k: inputs[k] for k in changed}, changed)
 
     def _relative_checksums(self, old_root: str | None) -> None:
         """Manifests of selfplay before 08ba4b1 (2026-11-23) keyed checksums by the path the

@@ -40,7 +40,7 @@ from selfplay.config import (
 )
 from selfplay.data.run_paths import ModelPaths
 from selfplay.errors import SelfplayError
-from selfplay.io import write_json_atomic
+from selfplay.io import LOCK_NAME, write_json_atomic
 from selfplay.launch import activation_checkpointing, sharding_for, training_accelerator
 from selfplay.logprobs import ResponseLogProbs
 from selfplay.sharding import (clip_grad_norm, footprint, full_state_dict, load_checkpoint,
@@ -131,10 +131,17 @@ class Run:
     sharded: bool = False           # FSDP2 (sharding.py), applied by us
 
 
-def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
+def content_hash(items: list) -> str:
+    """What the items hold (their tokens, stored log-probs, probabilities), as 16 hex digits:
+    a resumed training must read the same, not merely as many tokens."""
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+
+
+def prepare(accelerator: Accelerator, model, tok, lengths: list[int], content: str,
             training: TrainingSettings, chunk_size: int, out: ModelPaths, seed: int,
             before_restore: Callable[[torch.nn.Module], None] | None = None) -> Run:
-    """Wrap, plan and (with training.resume) restore; `lengths` are the items' token counts.
+    """Wrap, plan and (with training.resume) restore; `lengths` are the items' token counts,
+    `content` the content_hash of what they hold.
     `before_restore` gets the wrapped log-prob module while it still holds the starting
     weights (the reference pass: under FSDP and ZeRO-3 the unwrapped model's weights are
     partitioned or, off the main process, not loaded)."""
@@ -172,7 +179,8 @@ def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
                               num_training_steps=total)
     accelerator.register_for_checkpointing(scheduler)
 
-    recipe = _recipe(training, lengths, seed, accelerator.num_processes, sharding is not None)
+    recipe = _recipe(training, len(lengths), content, seed, accelerator.num_processes,
+                     sharding is not None)
     step = 0
     if training.resume and _checkpoints(out):
         last = _checkpoints(out)[-1]
@@ -189,14 +197,13 @@ def prepare(accelerator: Accelerator, model, tok, lengths: list[int],
                total, step, recipe, sharding is not None)
 
 
-def _recipe(training: TrainingSettings, lengths: list[int], seed: int, processes: int,
+def _recipe(training: TrainingSettings, items: int, content: str, seed: int, processes: int,
             sharded: bool) -> dict[str, Any]:
-    """The training options, seed, process count and data (as its items' token counts, a
-    cheap fingerprint) that a resumed training must share with its checkpoint. A sharded
-    checkpoint loads on any process count: it keeps the global batch instead."""
-    data = hashlib.sha256(json.dumps(lengths).encode()).hexdigest()[:16]
+    """The training options, seed, process count and data (the hash of its content) that a
+    resumed training must share with its checkpoint. A sharded checkpoint loads on any
+    process count: it keeps the global batch instead."""
     recipe = {**recipe_of(dataclasses.asdict(training)),
-              "seed": seed, "processes": processes, "items": len(lengths), "data": data}
+              "seed": seed, "processes": processes, "items": items, "data": content}
     if sharded:
         recipe["global_batch"] = recipe.pop("per_device_train_batch_size") * recipe.pop(
             "processes")
@@ -207,11 +214,19 @@ def _recipe(training: TrainingSettings, lengths: list[int], seed: int, processes
 def _same_recipe(old: dict[str, Any], new: dict[str, Any], checkpoint: Path) -> None:
     """Refuse to resume a checkpoint under other options: the run would mix two recipes."""
     diff = changes(old, new)
+    if {"data", "items"} & set(diff):
+        raise SelfplayError(
+            f"{checkpoint} was made on other data (the content of the pairs or examples read "
+            "now differs: the dataset changed since); resume on the data it was made on, or "
+            "pass --overwrite to start over; nothing was deleted.")
     if diff:
         raise SelfplayError(
             f"{checkpoint} was made with other options ({describe_changes(old, new, diff)}); "
             "resume with the same options, or pass --overwrite to start over; nothing was "
             "deleted.")
+
+
+DIVERGENCE_WINDOW = 10       # updates, at the least, whose mean loss the check compares
 
 
 class MetricsLog:
@@ -223,6 +238,7 @@ class MetricsLog:
         self.r, self.training, self.out = r, training, out
         self.main = r.accelerator.is_main_process
         self.window: dict[str, list[float]] = {}
+        self.losses: list[float] = []           # every update's, for the divergence check
         self.t0, self.tokens = time.perf_counter(), 0
         if self.main:   # a resumed run rewrites what came after its checkpoint, never twice
             kept = [ln for ln in (out.log.read_text().splitlines() if out.log.exists() else [])
@@ -238,6 +254,8 @@ class MetricsLog:
             self.window.setdefault(k, []).append(
                 acc_.reduce(torch.stack(vs).mean(), reduction="mean").item())
         loss = self.window["loss"][-1]
+        self.losses.append(loss)
+        self._stop_if_diverging(step)
         if step % self.training.logging_steps == 0 or step == self.r.total:
             elapsed = time.perf_counter() - self.t0
             rec = {"step": step, "epoch": round(step / self.r.per_epoch, 4),
@@ -251,6 +269,26 @@ class MetricsLog:
                     fh.write(json.dumps(rec) + "\n")
                 self.trackers.log({k: v for k, v in rec.items() if k != "step"}, step)
         return loss
+
+    def _stop_if_diverging(self, step: int) -> None:
+        """Stop when a window of updates averages more than 3 times the loss of the first
+        (a window: logging_steps updates, at least 10), as the non-finite check stops: a
+        learning rate or β far too large takes a model apart this way without any
+        non-finite number, and a run that then saves it as complete ruins the next
+        iteration. Every process sees the same averaged losses, so all stop together."""
+        w = max(self.training.logging_steps, DIVERGENCE_WINDOW)
+        n = len(self.losses)
+        if n < 2 * w or n % w:
+            return
+        first, last = sum(self.losses[:w]) / w, sum(self.losses[-w:]) / w
+        if first > 0 and last > 3 * first:
+            done = _checkpoints(self.out)
+            raise SelfplayError(
+                f"update {step}: the loss of the last {w} updates ({last:.4g}) is more than 3 "
+                f"times that of the first {w} ({first:.4g}): training diverges and was stopped; "
+                "nothing was saved as complete; the last good checkpoint is "
+                f"{done[-1] if done else 'none (see --save_steps)'}; lower --learning_rate or "
+                "--beta.")
 
     def close(self) -> None:
         if self.main:
@@ -405,7 +443,9 @@ def claim(accelerator: Accelerator, out: ModelPaths, *, overwrite: bool, resume:
     overwrite, our earlier outputs are cleared; without resume, an interrupted training's
     checkpoints are kept and the command refuses, naming --resume and --overwrite.
     """
-    others = sorted(p.name for p in out.root.iterdir()) if out.root.exists() else []
+    entries = [p for p in out.root.iterdir() if p.name != LOCK_NAME] \
+        if out.root.exists() else []           # the command's own lock is not an output
+    others = sorted(p.name for p in entries)
     if others and not _ours(out):
         raise SelfplayError(f"{out.root} holds files that selfplay did not write "
                             f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
@@ -417,8 +457,12 @@ def claim(accelerator: Accelerator, out: ModelPaths, *, overwrite: bool, resume:
                             "was deleted.")
     accelerator.wait_for_everyone()       # every process has looked before anything goes
     if accelerator.is_main_process:
-        if overwrite and others:
-            shutil.rmtree(out.root)
+        if overwrite:           # entry by entry: the lock stays, a linked directory too
+            for p in entries:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
         out.root.mkdir(parents=True, exist_ok=True)
         out.marker.touch()
     accelerator.wait_for_everyone()

@@ -21,6 +21,27 @@ from selfplay.config.training import METHOD_DEFAULTS, RUN_METHOD_DEFAULTS
 from selfplay.errors import SelfplayError
 
 
+class _GivenTwice(Exception):
+    def __str__(self) -> str:
+        return repr(self.args[0])
+
+
+class _OnceLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a mapping that gives a key twice is an error: plain YAML
+    keeps the last silently, as no command line would."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):   # YAML's own error follows
+                continue
+            if key in seen:
+                raise _GivenTwice(key, seen[key] + 1, key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _canonical(key: str, command: str | None = None) -> str:
     """The field a key names; an alias shared by two fields resolves by the command."""
     key = key.strip().lstrip("-").replace("-", "_")
@@ -179,9 +200,12 @@ def load_config(command: str, recipe: str | Path | None = None,
         if not path.is_file():
             raise SelfplayError(f"recipe {path} does not exist.")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_OnceLoader) or {}
         except yaml.YAMLError as e:
             raise SelfplayError(f"recipe {path} is not valid YAML: {e}") from None
+        except _GivenTwice as e:
+            raise SelfplayError(f"recipe {path} gives {e} twice (lines {e.args[1]} and "
+                                f"{e.args[2]}); give it once.") from None
         if not isinstance(data, dict):
             raise SelfplayError(f"recipe {path} must be a mapping of option: value.")
         for key, value in data.items():

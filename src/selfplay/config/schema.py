@@ -104,6 +104,7 @@ class Config:
             check = getattr(getattr(self, g), "check", None)
             if check is not None:
                 check()
+        self._check_learning_rates()
         need(not (self.training.resume and self.job.overwrite),
              "--resume and --overwrite contradict each other.")
         need(not (self.training.fsdp and self.lora.load_in_4bit),
@@ -114,6 +115,20 @@ class Config:
                                            and self.training.loss_type.startswith("sppo")),
              "--method sppo needs --num_samples of at least 2 (the paper: 5) and an SPPO "
              "--loss_type (sppo, sppo_single or sppo_hard).")
+
+
+    def _check_learning_rates(self) -> None:
+        """A learning rate far above any recipe's is almost surely a typo (1e5 for 1e-5):
+        refused before it ruins a model, unless --allow_large_lr."""
+        if self.training.allow_large_lr:
+            return
+        top = 1e-1 if self.lora.use_peft else 1e-2
+        for name, lr in (("learning_rate", self.training.learning_rate),
+                         ("sft_learning_rate", self.run.sft_learning_rate)):
+            guess = f" (did you mean {1 / lr:g}?)" if lr > 1 else ""
+            need(lr <= top, f"--{name} {lr:g} is above {top:g}, the most any "
+                 f"{'LoRA' if self.lora.use_peft else 'full'} fine-tuning recipe uses{guess}; "
+                 "pass --allow_large_lr to train at it anyway.")
 
 
 # ---------------------------------------------------------------------------------------

@@ -95,6 +95,9 @@ class TrainingSettings:
                           "model).", TRAIN_CMDS, resumable=True)
     resume: bool = opt(False, "Continue from the last checkpoint in output_dir.",
                        {"sft", "train"}, resumable=True)
+    allow_large_lr: bool = opt(False, "Train at a learning rate above 1e-2 (full fine-tuning) "
+                               "or 1e-1 (LoRA), which is almost always a typo (1e5 for 1e-5).",
+                               TRAIN_CMDS, resumable=True)
     reference_model: str = opt("", "The reference π_ref when it is not the starting model "
                                "(empty: the starting model, θ_t).", {"train"},
                                feeds=_PAIR_TRAINING)
@@ -217,7 +220,8 @@ class JobSettings:
                                             "sft": "checkpoints/sft", "run": "runs/spin",
                                             "rank": "ranked"}, resumable=True)
     overwrite: bool = opt(False, "Redo finished work (shards, a trained model) instead of "
-                          "skipping it.", {"generate", "score", "sft", "train", "rank"},
+                          "skipping it; evaluate, tasks: replace what is there.",
+                          {"generate", "score", "sft", "train", "rank", "evaluate", "tasks"},
                           resumable=True)
     seed: int = opt(42, "Random seed of sampling, and of data order and initialisation in "
                     "training.", {"generate", "sft", "train", "run"},

@@ -21,10 +21,36 @@ from selfplay.stages.report import ModelRow, accuracy_band, accuracy_cell, chang
 from selfplay.stats import paired_change
 
 
-def _arm_name(paths: RunPaths) -> str:
-    recipe = json.loads(paths.manifest.read_text()).get("recipe", {}) \
-        if paths.manifest.exists() else {}
-    return f"{paths.root.name} ({recipe.get('method', '?')})"
+def arm_names(runs: list[RunPaths]) -> list[str]:
+    """`DIR (method)` for each run; where two share a directory name, as much of their paths
+    as tells them apart (`a/base`, `b/base`)."""
+    def method(paths: RunPaths) -> str:
+        try:
+            return json.loads(paths.manifest.read_text()).get("recipe", {}).get("method", "?")
+        except (OSError, ValueError, AttributeError):
+            return "?"
+
+    parts = [Path(p.root).resolve().parts for p in runs]
+    if len(set(parts)) < len(parts):
+        raise SelfplayError("compare got the same run directory twice.")
+    depth = 1
+    while len({q[-depth:] for q in parts}) < len(parts):
+        depth += 1
+    return [f"{'/'.join(q[-depth:])} ({method(p)})" for q, p in zip(parts, runs)]
+
+
+def same_prompts(arms: dict[str, list[ModelRow]]) -> None:
+    """Every evaluation of every arm on one list of held-out prompts, or one sentence: a
+    paired test matches prompts by id, never by position."""
+    names = list(arms)
+    want = arms[names[0]][0].eval.prompt_ids()
+    for name, models in arms.items():
+        for m in models:
+            if m.eval.prompt_ids() != want:
+                raise SelfplayError(
+                    f"arm {name} ({m.name}) was evaluated on other prompts than arm "
+                    f"{names[0]} (another dataset, split, size or seed): paired tests need "
+                    "the same prompts; compare arms evaluated on the same held-out split.")
 
 
 def aligned(models: list[ModelRow]) -> list[ModelRow]:
@@ -41,8 +67,9 @@ def compare(run_dirs: list[Path], out_dir: Path) -> str:
     if len(run_dirs) < 2:
         raise SelfplayError("compare needs at least two run directories.")
     runs = [RunPaths(Path(d)) for d in run_dirs]
-    arms = {_arm_name(p): aligned(load_models(p)) for p in runs}
-    names = list(arms)
+    names = arm_names(runs)
+    arms = {n: aligned(load_models(p)) for n, p in zip(names, runs)}
+    same_prompts(arms)
     steps = max(len(models) for models in arms.values())
     first = arms[names[0]]
     head = "| step | " + " | ".join(names) + " | " + " | ".join(

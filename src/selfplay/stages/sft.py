@@ -27,7 +27,8 @@ from selfplay.data.formats import read_for
 from selfplay.data.run_paths import ModelPaths
 from selfplay.losses import sft_nll
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
-from selfplay.trainer import StepFn, claim, loop, prepare, save_final, skip_if_complete, start
+from selfplay.trainer import (StepFn, claim, content_hash, loop, prepare, save_final,
+                              skip_if_complete, start)
 
 
 def sequence_step(seqs: list[Encoded], pad_id: int) -> StepFn:
@@ -65,7 +66,8 @@ def sft(model: ModelSettings, data: DataSettings, scoring: ScoringSettings,
         print(f"{len(seqs)} examples; {truncated} truncated to max_length {scoring.max_length} "
               f"/ max_prompt_length {scoring.max_prompt_length}", file=sys.stderr)
     claim(accelerator, out, overwrite=overwrite, resume=training.resume)
-    r = prepare(accelerator, lm, tok, [len(s.input_ids) for s in seqs], training,
+    r = prepare(accelerator, lm, tok, [len(s.input_ids) for s in seqs],
+                content_hash([(s.input_ids, s.n_prompt) for s in seqs]), training,
                 scoring.logprob_chunk_size, out, seed)
     step = loop(r, training, out, sequence_step(seqs, tok.pad_token_id))
     save_final(r, lora, model, out,

@@ -44,7 +44,8 @@ from selfplay.logprobs import ResponseLogProbs
 from selfplay.losses import pair_loss
 from selfplay.models import fingerprint, load_model
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
-from selfplay.trainer import StepFn, claim, loop, prepare, save_final, skip_if_complete, start
+from selfplay.trainer import (StepFn, claim, content_hash, loop, prepare, save_final,
+                              skip_if_complete, start)
 
 # The loss arguments each SPPO loss takes, and the pair fields they come from.
 LOSS_PROBS = {"sppo": {"p_win": "chosen_probs_win", "p_lose": "chosen_probs_lose"},
@@ -300,7 +301,13 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
                         reference=reference, chunk=scoring.logprob_chunk_size,
                         training=training, load_in_4bit=lora.load_in_4bit)
 
-    r = prepare(accelerator, lm, tok, lengths, training, scoring.logprob_chunk_size, out, seed,
+    # read before the reference pass fills what was not stored
+    content = content_hash([(p.chosen.input_ids, p.chosen.n_prompt, p.rejected.input_ids,
+                             p.rejected.n_prompt, p.ref_chosen, p.ref_rejected,
+                             p.record.chosen_probs, p.record.chosen_probs_win,
+                             p.record.chosen_probs_lose) for p in pairs])
+    r = prepare(accelerator, lm, tok, lengths, content, training, scoring.logprob_chunk_size,
+                out, seed,
                 before_restore=fill_reference)
     step = loop(r, training, out, pair_step(pairs, tok.pad_token_id, training))
     save_final(r, lora, model, out, {"steps": step, **stats.to_json()})
