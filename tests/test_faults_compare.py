@@ -32,7 +32,7 @@ def test_arms_of_the_same_folder_name_are_named_apart(tmp_path, capsys):
     assert main(["compare", str(one), str(two), "--output_dir", str(tmp_path / "c")]) == 0
     table = (tmp_path / "c" / "compare.md").read_text()
     assert "x/base (?)" in table and "y/base (?)" in table
-    assert "| iteration 0 | 100.0%" in table and "−25.0 pts (0↑ 1↓" in table
+    assert "| iteration 0 | 100.0% | 75.0% | -25.0 pts (0↑ 1↓" in table
 
 
 def test_arms_evaluated_on_other_prompts_are_refused(tmp_path, capsys):
