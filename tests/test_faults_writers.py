@@ -149,3 +149,30 @@ def test_a_run_whose_dataset_changed_is_refused_unless_forced(tiny_model_dir, tm
     assert main(args + ["--force"]) == 0
     err = capsys.readouterr().err
     assert "[force] dataset changed: redoing base/evaluate, iter0/generate" in err
+
+
+def test_a_dataset_without_a_test_split_gives_up_prompts_for_evaluation(tiny_model_dir,
+                                                                        tmp_path, capsys):
+    """One file, one split: the run holds the prompts with the smallest id hashes out for
+    its evaluations, says so first, never trains on them, and the report says what was
+    evaluated (before: every evaluation read the rows it trained on, and the report said
+    "the held-out split")."""
+    data = tmp_path / "data"
+    assert main(["tasks", "export", str(data), "--tasks_train_size", "40",
+                 "--tasks_validation_size", "2", "--tasks_test_size", "2"]) == 0
+    only = data / "train.jsonl"
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(tiny_model_dir), "--dataset", str(only), "--output_dir",
+                 str(out), "--num_iterations", "1", "--max_prompts", "8", "--max_new_tokens",
+                 "4", "--max_steps", "1", "--per_device_train_batch_size", "2",
+                 "--report_to", "none"]) == 0
+    err = capsys.readouterr().err
+    assert f"{only} has no test split: 4 of its 40 prompts, those with the smallest id " \
+        "hashes, are held out for evaluation" in err
+    held = {r["prompt_id"] for r in json.loads((out / "iter0" / "eval.json").read_text())["rows"]}
+    trained = {json.loads(r)["prompt_id"]
+               for r in (out / "iter0" / "generated" / "train-frac00000-rank000-of001.jsonl")
+               .open()}
+    assert len(held) == 4 and len(trained) == 8 and not held & trained
+    assert json.loads((out / "base" / "eval.json").read_text())["split"] == "train (held out)"
+    assert "held out of the train split by their id hashes" in (out / "report.md").read_text()

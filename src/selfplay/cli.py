@@ -14,9 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from selfplay.config import Config, format_help, load_config
-from selfplay.errors import SelfplayError
+from typing import TYPE_CHECKING
+
+from selfplay.errors import SelfplayError, UserCodeError
 from selfplay.io import output_lock, writable_dir
+
+if TYPE_CHECKING:
+    # The schema imports torch (the losses name its choices): it is imported when a command
+    # runs, inside the handler that turns Ctrl-C into one line.
+    from selfplay.config import Config
 
 
 @dataclass
@@ -297,6 +303,7 @@ def _main_help() -> str:
 
 
 def _command_help(name: str) -> str:
+    from selfplay.config import format_help
     c = COMMANDS[name]
     opts = format_help(name)
     return f"usage: {c.usage}\n\n{textwrap.fill(c.summary, 90)}\n" + \
@@ -368,6 +375,7 @@ def _main(argv: list[str] | None) -> int:
         if len(positionals) < len(cmd.positionals):
             raise SelfplayError(f"missing {' '.join(cmd.positionals[len(positionals):])}; usage: "
                                 f"{cmd.usage}")
+        from selfplay.config import load_config
         cfg = load_config(name, recipe, rest)
         if name == "tasks" and positionals[0] != "export":
             raise SelfplayError(f"unknown tasks action {positionals[0]!r}; use `selfplay tasks "
@@ -378,13 +386,32 @@ def _main(argv: list[str] | None) -> int:
         with output_lock(writable_dir(Path(out), "OUT" if name == "tasks" else "--output_dir"),
                          name):
             return cmd.run(cfg, positionals)
+    except UserCodeError as e:       # the user's traceback, then where we called it
+        print(e.detail, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except SelfplayError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:             # a full disk, a file-size limit, permissions
+        print(f"error: {os_error_sentence(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; finished shards are kept, the rest is redone on the next run.",
               file=sys.stderr)
         return 130
+
+
+def os_error_sentence(e: OSError) -> str:
+    """One sentence for a failed read or write: what, where, and what was kept."""
+    import errno
+    where = f" ({e.filename})" if e.filename else ""
+    what = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return (f"{what}{where}: the disk is full or a file-size limit was reached; free space "
+                "or raise the limit and run the same command again: finished work is kept and "
+                "the unfinished file was removed.")
+    return f"{what}{where}; nothing unfinished was kept."
 
 
 if __name__ == "__main__":

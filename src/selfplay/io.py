@@ -32,36 +32,41 @@ def writable_dir(path: Path, option: str = "--output_dir") -> Path:
     return path
 
 
-def _tmp(path: Path) -> Path:
+@contextlib.contextmanager
+def _atomic(path: Path):
+    """The temporary name to write `path` under, renamed to it when the write completes and
+    removed when it fails (a full disk leaves no half file behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     """Write to a temporary name, fsync, rename: readers never see a partial file."""
-    tmp = _tmp(path)
-    with tmp.open("w", encoding="utf-8") as fh:
+    with _atomic(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 def write_json_atomic(path: Path, obj) -> None:
     """One JSON document, written to a temporary name and renamed."""
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    with _atomic(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
 
 
 def write_parquet_atomic(path: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = _tmp(path)
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    tmp.replace(path)
+    with _atomic(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -72,6 +72,20 @@ def checksums(paths: list[Path], root: Path) -> dict[str, str]:
 INPUT_KEYS = {"dataset": "dataset", "model_name_or_path": "model"}
 
 
+def read_manifest(path: Path) -> dict:
+    """A run directory's manifest; one cut off or not ours is one sentence."""
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("stages"), dict) and \
+                isinstance(data.get("recipe"), dict):
+            return data
+    except ValueError:
+        pass
+    raise SelfplayError(f"{path} is cut off or corrupt (not a run manifest): the run's record "
+                        "of what is done is lost; restore it from a copy, or start the run again "
+                        "in another --output_dir.")
+
+
 def input_fingerprints(cfg: Config) -> dict[str, str]:
     """`name@hash` of the run's dataset files (a local file or directory; the suite and hub
     datasets are fixed by name and revision) and of its starting model's weights."""
@@ -118,7 +132,7 @@ class Manifest:
         inputs = input_fingerprints(cfg)
         exists = self.path.exists()
         if exists:
-            self.data = json.loads(self.path.read_text())
+            self.data = read_manifest(self.path)
         procs.wait()              # every process has read it before the main one rewrites it
         if exists:
             self._relative_checksums(self.data["recipe"].get("output_dir"))

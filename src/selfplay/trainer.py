@@ -47,7 +47,7 @@ from selfplay.sharding import (clip_grad_norm, footprint, full_state_dict, load_
                                save_checkpoint, shard)
 from selfplay.sharding import close as close_sharding
 from selfplay.models import load_for_training, save_trained
-from selfplay.tracking import Trackers
+from selfplay.tracking import Trackers, check_reporting
 
 # (forward, this process's item indices, the whole micro-batch's across processes) ->
 # (loss to backpropagate, metrics, tokens);
@@ -60,6 +60,7 @@ def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
           out: ModelPaths, seed: int):
     """(accelerator, trainable model, tokenizer): devices and process group, the seed, the
     model built for training (full, LoRA, QLoRA)."""
+    check_reporting(training.report_to)
     accelerator = training_accelerator(model, training)
     set_seed(seed)
     out.root.mkdir(parents=True, exist_ok=True)

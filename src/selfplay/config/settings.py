@@ -100,6 +100,12 @@ class DataSettings:
                                DATA_CMDS | {"tasks"}, feeds=("evaluate", "tasks"))
     tasks_seed: int = opt(0, "Seed of the bundled task suite (the same seed, the same tasks).",
                           DATA_CMDS | {"tasks"}, aliases=("seed",), feeds=ALL_STAGES)
+    holdout_size: int = opt(
+        0, "Prompts of the training split held out for evaluation, those with the smallest id "
+        "hashes, which training then never reads (0: none; -1: as many as needed, a tenth of "
+        "the split, at most 500, and only where the dataset has no test split: what "
+        "`selfplay run` does).", DATA_CMDS, command_defaults={"run": -1},
+        feeds=("sft", "generate", "control", "evaluate"))
     export_format: str = opt("jsonl", "File format of `selfplay tasks export`.", {"tasks"},
                              choices=("jsonl", "parquet"), feeds=("tasks",))
     eval_split: str = opt("", "Split the run's evaluations read (default: the suite's test split "
@@ -111,6 +117,7 @@ class DataSettings:
                 "test": self.tasks_test_size}
 
     def check(self) -> None:
+        need(self.holdout_size >= -1, "--holdout_size must be -1 (as needed), 0 or a count.")
         need(self.max_prompts >= 0 and self.skip_prompts >= 0,
              "--max_prompts and --skip_prompts must be 0 or positive.")
         need(min(self.tasks_sizes().values()) > 0,

@@ -16,7 +16,7 @@ from accelerate.utils import gather_object
 
 from selfplay.config import DataSettings, EvaluationSettings, ModelSettings, ScoringSettings
 from selfplay.data.evaluations import EvalRow, Evaluation, FamilyScore
-from selfplay.data.formats import Example, held_out_split, read_for
+from selfplay.data.formats import Example, held_out_split, holds_out, read_for
 from selfplay.data.shards import process_slice
 from selfplay.data.tasks import check
 from selfplay.engines import Engine, Generation, SamplingSettings, open_engine, scoring_model
@@ -143,7 +143,7 @@ def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: in
     paired sign test, and for a baseline model its own measures.
     """
     split = held_out_split(data)
-    examples = read_for(data, split).examples
+    examples = read_for(data, split, held_out=True).examples
     budget = answer_budget(load_tokenizer(model.model_name_or_path), examples, max_new_tokens,
                            evaluation.eval_max_new_tokens)
     if evaluation.lm_eval_tasks:        # a misspelt task fails now, not after the evaluation
@@ -183,7 +183,8 @@ def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: in
         ours, theirs = result.correct(), [r.correct for r in baseline_rows]
         result.win_rate = win_rate(ours, theirs)
         result.paired = paired_change(ours, theirs)
-    result.dataset, result.split = data.dataset, split
+    held = split == data.split and holds_out(data)     # prompts held out of training's split
+    result.dataset, result.split = data.dataset, f"{split} (held out)" if held else split
     return result
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from selfplay.data.pairs import ConvertReport, SplitReport
 from selfplay.data.run_paths import RunPaths
 from selfplay.errors import SelfplayError
 from selfplay.io import read_jsonl, writable_dir
+from selfplay.manifest import read_manifest
 from selfplay.stats import PairedChange, paired_change
 
 matplotlib.use("Agg")
@@ -286,6 +286,18 @@ def _lm_eval_plot(models: list[ModelRow], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def evaluated_on(models: list[ModelRow], recipe: dict) -> str:
+    """What the evaluations read, said plainly where it is the split the run trains on."""
+    split, trains_on = models[0].eval.split or "", recipe.get("split")
+    if split.endswith("(held out)"):
+        return (f"evaluated greedily on the prompts held out of the {split.split()[0]} split "
+                "by their id hashes (the dataset has no test split; training never reads them)")
+    if split and split == trains_on:
+        return (f"evaluated greedily on the {split} split, which the iterations also train on "
+                "(--eval_split or --holdout_size would hold prompts out)")
+    return f"evaluated greedily on the held-out split ({split or '?'})"
+
+
 def write_report(run_dir: str | Path) -> str:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the iteration table."""
     paths = RunPaths(Path(run_dir))
@@ -293,7 +305,7 @@ def write_report(run_dir: str | Path) -> str:
     writable_dir(paths.root, "RUN_DIR")            # checked before anything is read or drawn
     writable_dir(paths.plots, "RUN_DIR/plots")
     models = load_models(paths)
-    manifest = json.loads(paths.manifest.read_text()) if paths.manifest.exists() else {}
+    manifest = read_manifest(paths.manifest) if paths.manifest.exists() else {}
     recipe = manifest.get("recipe", {})
     pngs = plots(models, paths.plots, recipe.get("method", "spin"))
     t = table(models)
@@ -301,8 +313,8 @@ def write_report(run_dir: str | Path) -> str:
             f"Method **{recipe.get('method', '?')}**, model `{recipe.get('model_name_or_path')}`, "
             f"dataset `{recipe.get('dataset')}`, "
             f"{sum(m.name.startswith('iteration') for m in models)} iteration(s) finished. "
-            "Each row is the model after that iteration, evaluated greedily on the held-out "
-            "split; the win rate is against the previous row's model on the same prompts "
+            f"Each row is the model after that iteration, {evaluated_on(models, recipe)}; "
+            "the win rate is against the previous row's model on the same prompts "
             "(right beats wrong, equal counts half); the training columns are the last logged "
             "values of that iteration. Accuracy comes with its 95% Wilson interval; a change is "
             "paired on the same prompts (↑ gained, ↓ lost) with an exact sign test.", "", t, "",

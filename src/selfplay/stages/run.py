@@ -43,7 +43,7 @@ from selfplay.stages.rank import rank
 from selfplay.stages.report import load_models, write_report
 from selfplay.stages.sft import sft as run_sft
 from selfplay.stages.train import train
-from selfplay.tracking import parse_report_to, report_run
+from selfplay.tracking import check_reporting, parse_report_to, report_run
 
 
 def stage_names(method: str) -> tuple[str, ...]:
@@ -120,6 +120,7 @@ def run(cfg: Config) -> Path:
 
 
 def open_run(cfg: Config) -> Run:
+    check_reporting(cfg.training.report_to)
     paths = RunPaths(Path(cfg.job.output_dir))
     paths.root.mkdir(parents=True, exist_ok=True)
     procs = Processes(cfg.model)
@@ -271,7 +272,7 @@ def finish(r: Run, last: Model) -> Path:
 def judge_win_rate(data: DataSettings, judge: Judge, new_rows: list[EvalRow],
                    old_rows: list[EvalRow]) -> float:
     """The judge's mean P(θ_{t+1}'s answer ≻ θ_t's) on the held-out prompts."""
-    examples = read_for(data, held_out_split(data)).examples
+    examples = read_for(data, held_out_split(data), held_out=True).examples
     ps = [judge.matrix(e.prompt, [a.response, b.response], e.extra)[0][1]
           for e, a, b in zip(examples, new_rows, old_rows)]
     return sum(ps) / len(ps)
