@@ -365,6 +365,7 @@ def _main(argv: list[str] | None) -> int:
         return 0
     cmd = COMMANDS[name]
     try:
+        _import_quietly(name)
         positionals = []
         while rest and not rest[0].startswith("--") and not rest[0].endswith((".yaml", ".yml")) \
                 and (len(positionals) < len(cmd.positionals) or cmd.more_positionals):
@@ -400,6 +401,35 @@ def _main(argv: list[str] | None) -> int:
         print("interrupted; finished shards are kept, the rest is redone on the next run.",
               file=sys.stderr)
         return 130
+
+
+def _import_quietly(name: str) -> None:
+    """Import the schema and the command's stage (torch, transformers: seconds) with Ctrl-C
+    and SIGTERM held until they are done: an interrupt inside their native code aborts the
+    process with a C++ error instead of raising KeyboardInterrupt. Held, it is raised here,
+    where the command's handler turns it into one line."""
+    import importlib
+    import importlib.util
+    import signal
+    import threading
+    modules = ["selfplay.config"]
+    if importlib.util.find_spec(f"selfplay.stages.{name}") is not None:
+        modules.append(f"selfplay.stages.{name}")
+    if threading.current_thread() is not threading.main_thread():
+        for m in modules:
+            importlib.import_module(m)
+        return
+    held: list[int] = []
+    before = {sig: signal.signal(sig, lambda n, _: held.append(n))
+              for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for m in modules:
+            importlib.import_module(m)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def os_error_sentence(e: OSError) -> str:
