@@ -19,8 +19,9 @@ def test_a_second_writer_is_refused_while_the_first_writes(tiny_model_dir, tmp_p
     whole (before: both exited 0 and the shard held the second's rows)."""
     out = tmp_path / "gen"
     args = ["generate", "--model", str(tiny_model_dir), "--output_dir", str(out),
-            "--max_prompts", "48", "--tasks_train_size", "48"]
-    first = subprocess.Popen([sys.executable, "-m", "selfplay", *args, "--max_new_tokens", "48"],
+            "--max_prompts", "128", "--tasks_train_size", "128"]
+    # the first's work (about 10 s) outlasts the second's imports before it looks (about 3 s)
+    first = subprocess.Popen([sys.executable, "-m", "selfplay", *args, "--max_new_tokens", "64"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (out / LOCK_NAME).exists():
@@ -33,7 +34,7 @@ def test_a_second_writer_is_refused_while_the_first_writes(tiny_model_dir, tmp_p
         f"{first.pid}" in second.stderr
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     rows = [json.loads(r) for r in (out / "train-frac00000-rank000-of001.jsonl").open()]
-    assert len(rows) == 48 and {r["settings"]["max_new_tokens"] for r in rows} == {48}
+    assert len(rows) == 128 and {r["settings"]["max_new_tokens"] for r in rows} == {64}
     assert not (out / LOCK_NAME).exists()
 
 
