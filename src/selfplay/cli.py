@@ -131,7 +131,7 @@ def keep_other_evaluation(path: Path, cfg: Config) -> None:
     """Refuse to replace an evaluation of another model or dataset without --overwrite (an
     unreadable one is an interrupted write of ours: replaced)."""
     from selfplay.data.evaluations import Evaluation
-    from selfplay.data.formats import held_out_split
+    from selfplay.data.splits import held_out_split
     if cfg.job.overwrite or not path.exists():
         return
     try:

@@ -23,14 +23,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-from selfplay.config import (
-    Config,
-    affected_stages,
-    changes,
-    describe_changes,
-    recipe_of,
-    stage_kind,
-)
+from selfplay.config import (Config, affected_stages, changes, describe_changes, recipe_of,
+                             stage_kind)
 from selfplay.data.formats import DATA_SUFFIXES
 from selfplay.data.run_paths import RunPaths
 from selfplay.errors import SelfplayError

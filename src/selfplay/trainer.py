@@ -19,7 +19,6 @@ import json
 import math
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,24 +29,19 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from selfplay.config import (
-    LoraSettings,
-    ModelSettings,
-    TrainingSettings,
-    changes,
-    describe_changes,
-    recipe_of,
-)
+from selfplay.config import (LoraSettings, ModelSettings, TrainingSettings, changes,
+                             describe_changes, recipe_of)
 from selfplay.data.run_paths import ModelPaths
 from selfplay.errors import SelfplayError
 from selfplay.io import LOCK_NAME, write_json_atomic
 from selfplay.launch import activation_checkpointing, sharding_for, training_accelerator
 from selfplay.logprobs import ResponseLogProbs
+from selfplay.metrics import MetricsLog
 from selfplay.sharding import (clip_grad_norm, footprint, full_state_dict, load_checkpoint,
                                save_checkpoint, shard)
 from selfplay.sharding import close as close_sharding
 from selfplay.models import load_for_training, save_trained
-from selfplay.tracking import Trackers, check_reporting
+from selfplay.tracking import check_reporting
 
 # (forward, this process's item indices, the whole micro-batch's across processes) ->
 # (loss to backpropagate, metrics, tokens);
@@ -107,12 +101,6 @@ def _optimizer(training: TrainingSettings, params):
         return torch.optim.RMSprop(params, lr=training.learning_rate,
                                    weight_decay=training.weight_decay)
     return torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
-
-
-def _checkpoints(out: ModelPaths) -> list[Path]:
-    d = out.checkpoints
-    return sorted(p for p in d.glob("step-*") if (p / "trainer_state.json").exists()) \
-        if d.exists() else []
 
 
 @dataclass
@@ -183,8 +171,8 @@ def prepare(accelerator: Accelerator, model, tok, lengths: list[int], content: s
     recipe = _recipe(training, len(lengths), content, seed, accelerator.num_processes,
                      sharding is not None)
     step = 0
-    if training.resume and _checkpoints(out):
-        last = _checkpoints(out)[-1]
+    if training.resume and out.saved_checkpoints():
+        last = out.saved_checkpoints()[-1]
         state = json.loads((last / "trainer_state.json").read_text())
         _same_recipe(state.get("recipe", recipe), recipe, last)
         if sharding is not None:
@@ -225,75 +213,6 @@ def _same_recipe(old: dict[str, Any], new: dict[str, Any], checkpoint: Path) -> 
             f"{checkpoint} was made with other options ({describe_changes(old, new, diff)}); "
             "resume with the same options, or pass --overwrite to start over; nothing was "
             "deleted.")
-
-
-DIVERGENCE_WINDOW = 10       # updates, at the least, whose mean loss the check compares
-
-
-class MetricsLog:
-    """A training's metrics: each update's, averaged over its micro-batches and processes;
-    their mean over every logging_steps updates to train_log.jsonl (main process) and the
-    trackers (TensorBoard, W&B)."""
-
-    def __init__(self, r: Run, training: TrainingSettings, out: ModelPaths):
-        self.r, self.training, self.out = r, training, out
-        self.main = r.accelerator.is_main_process
-        self.window: dict[str, list[float]] = {}
-        self.losses: list[float] = []           # every update's, for the divergence check
-        self.t0, self.tokens = time.perf_counter(), 0
-        if self.main:   # a resumed run rewrites what came after its checkpoint, never twice
-            kept = [ln for ln in (out.log.read_text().splitlines() if out.log.exists() else [])
-                    if json.loads(ln)["step"] <= r.step]
-            out.log.write_text("".join(ln + "\n" for ln in kept))
-            self.trackers = Trackers(training.report_to, out.tensorboard, str(out.root),
-                                     r.recipe, training.wandb_project, r.step)
-
-    def update(self, step: int, micro: dict[str, list[torch.Tensor]]) -> float:
-        """Add update `step`'s metrics; write the window when it is due; return the loss."""
-        acc_ = self.r.accelerator
-        for k, vs in micro.items():    # mean over micro-batches, then over processes
-            self.window.setdefault(k, []).append(
-                acc_.reduce(torch.stack(vs).mean(), reduction="mean").item())
-        loss = self.window["loss"][-1]
-        self.losses.append(loss)
-        self._stop_if_diverging(step)
-        if step % self.training.logging_steps == 0 or step == self.r.total:
-            elapsed = time.perf_counter() - self.t0
-            rec = {"step": step, "epoch": round(step / self.r.per_epoch, 4),
-                   "learning_rate": self.r.scheduler.get_last_lr()[0],
-                   **{k: sum(v) / len(v) for k, v in self.window.items()},
-                   "tokens_per_s": self.tokens * acc_.num_processes / elapsed,
-                   "elapsed_s": elapsed}
-            self.window = {}
-            if self.main:
-                with self.out.log.open("a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
-                self.trackers.log({k: v for k, v in rec.items() if k != "step"}, step)
-        return loss
-
-    def _stop_if_diverging(self, step: int) -> None:
-        """Stop when a window of updates averages more than 3 times the loss of the first
-        (a window: logging_steps updates, at least 10), as the non-finite check stops: a
-        learning rate or β far too large takes a model apart this way without any
-        non-finite number, and a run that then saves it as complete ruins the next
-        iteration. Every process sees the same averaged losses, so all stop together."""
-        w = max(self.training.logging_steps, DIVERGENCE_WINDOW)
-        n = len(self.losses)
-        if n < 2 * w or n % w:
-            return
-        first, last = sum(self.losses[:w]) / w, sum(self.losses[-w:]) / w
-        if first > 0 and last > 3 * first:
-            done = _checkpoints(self.out)
-            raise SelfplayError(
-                f"update {step}: the loss of the last {w} updates ({last:.4g}) is more than 3 "
-                f"times that of the first {w} ({first:.4g}): training diverges and was stopped; "
-                "nothing was saved as complete; the last good checkpoint is "
-                f"{done[-1] if done else 'none (see --save_steps)'}; lower --learning_rate or "
-                "--beta.")
-
-    def close(self) -> None:
-        if self.main:
-            self.trackers.close()
 
 
 def loop(r: Run, training: TrainingSettings, out: ModelPaths, step_fn: StepFn) -> int:
@@ -357,7 +276,7 @@ def _stop_if_not_finite(accelerator, losses: torch.Tensor, norm: torch.Tensor, u
     bad = (~torch.isfinite(losses)).any() | ~torch.isfinite(norm)
     if accelerator.reduce(bad.float(), reduction="sum").item() == 0:
         return
-    last = _checkpoints(out)
+    last = out.saved_checkpoints()
     raise SelfplayError(
         f"update {update}: the loss ({losses.float().mean().item():.4g}) or the gradient norm "
         f"({norm.item():.4g}) is not finite; training stopped before applying it and nothing "
@@ -451,8 +370,8 @@ def claim(accelerator: Accelerator, out: ModelPaths, *, overwrite: bool, resume:
         raise SelfplayError(f"{out.root} holds files that selfplay did not write "
                             f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
                             "nothing was deleted; give another --output_dir.")
-    if not overwrite and not resume and _checkpoints(out):
-        last = _checkpoints(out)[-1]
+    if not overwrite and not resume and out.saved_checkpoints():
+        last = out.saved_checkpoints()[-1]
         raise SelfplayError(f"{out.root} holds an interrupted training (checkpoint {last.name}); "
                             "pass --resume to continue it, or --overwrite to start over; nothing "
                             "was deleted.")

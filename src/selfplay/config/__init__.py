@@ -7,16 +7,10 @@
   loading.py   defaults, recipe, command line, coercion; the grouped --help
 """
 
-from selfplay.config.effects import (
-                                     RESUMABLE,
-                                     affected_stages,
-                                     changes,
-                                     describe_changes,
-                                     feeds,
-                                     recipe_of,
-                                     stage_kind,
-)
-from selfplay.config.loading import coerce, format_help, load_config, parse_mixture, parse_overrides
+from selfplay.config.effects import (RESUMABLE, affected_stages, changes, describe_changes,
+                                     feeds, recipe_of, stage_kind)
+from selfplay.config.loading import (coerce, format_help, load_config, parse_mixture,
+                                     parse_overrides)
 from selfplay.config.schema import (ALIASES, FIELDS, GROUP_OF, GROUPS, Config, ConvertSettings,
                                     DataSettings, EvaluationSettings, GenerationSettings,
                                     JobSettings, LoraSettings, ModelSettings, RankSettings,

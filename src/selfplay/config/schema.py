@@ -15,15 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from selfplay.config.options import need
-from selfplay.config.settings import (
-    ConvertSettings,
-    DataSettings,
-    EvaluationSettings,
-    GenerationSettings,
-    ModelSettings,
-    RankSettings,
-    ScoringSettings,
-)
+from selfplay.config.settings import (ConvertSettings, DataSettings, EvaluationSettings,
+                                      GenerationSettings, ModelSettings, RankSettings,
+                                      ScoringSettings)
 from selfplay.config.training import JobSettings, LoraSettings, RunSettings, TrainingSettings
 from selfplay.errors import SelfplayError
 

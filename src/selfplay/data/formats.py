@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from selfplay import hub
-from selfplay.config import DataSettings
 from selfplay.data import tasks
 from selfplay.data.shards import prompt_hash
 from selfplay.errors import SelfplayError
@@ -296,7 +295,7 @@ def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[str, int, dict]]:
         # Offline, datasets reads only what an earlier load_dataset prepared in its own cache,
         # not the hub cache that `hf download --repo-type dataset` fills; that snapshot is a
         # plain directory, which load_dataset reads with the hub's split names.
-        snapshot = None if online else _hub_snapshot(dataset_id)
+        snapshot = None if online else hub_snapshot(dataset_id)
         if snapshot is None:
             where = "a cached hub dataset, and the hub cannot be reached" if not online else \
                 f"a hub dataset ({type(e).__name__})"
@@ -314,7 +313,7 @@ def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[str, int, dict]]:
         yield f"{dataset_id}[{split}]", n, row
 
 
-def _hub_snapshot(dataset_id: str) -> str | None:
+def hub_snapshot(dataset_id: str) -> str | None:
     """The directory of a hub dataset's cached snapshot (refs/main), or None."""
     from huggingface_hub import snapshot_download
     try:
@@ -404,64 +403,6 @@ def read_examples(source: str, split: str = "train", layout: str = "auto",
     return ReadResult(examples, "+".join(layouts), files, skipped, dropped, kept, first_repeat)
 
 
-def read_for(data: DataSettings, split: str | None = None, held_out: bool = False
-             ) -> ReadResult:
-    """read_examples with a command's data settings, reporting what was read and skipped.
-
-    Where the training split is also the one evaluated (holds_out), its prompts with the
-    smallest ids (hashes of the prompt) are held out: `held_out` reads them alone, for an
-    evaluation; otherwise they are left out, for training."""
-    split = split or data.split
-    if split != data.split or not holds_out(data):
-        res = read_examples(data.dataset, split, data.dataset_layout, data.reference_turn,
-                            data.skip_bad_rows, data.max_prompts, data.tasks_seed,
-                            data.tasks_sizes(), data.skip_prompts)
-        report_read(res)
-        return res
-    res = read_examples(data.dataset, split, data.dataset_layout, data.reference_turn,
-                        data.skip_bad_rows, 0, data.tasks_seed, data.tasks_sizes(), 0)
-    n = data.holdout_size if data.holdout_size > 0 else min(500, len(res.examples) // 10)
-    if n == 0 or n >= len(res.examples):
-        raise SelfplayError(f"{data.dataset} has no test split and {len(res.examples)} "
-                            f"usable rows: too few to hold --holdout_size {n} out for "
-                            "evaluation; give an evaluation split (--eval_split) or more rows.")
-    held = set(sorted(e.prompt_id for e in res.examples)[:n])
-    keep = [e for e in res.examples if (e.prompt_id in held) == held_out]
-    if not held_out:
-        keep = keep[data.skip_prompts:]
-        keep = keep[:data.max_prompts] if data.max_prompts else keep
-    print(f"{data.dataset} has no test split: {n} of its {len(res.examples)} prompts, those "
-          "with the smallest id hashes, are held out for evaluation (--holdout_size), and "
-          f"training reads the others; this read takes {len(keep)}.", file=sys.stderr)
-    res.examples = keep
-    report_read(res)
-    return res
-
-
-def has_split(source: str, split: str) -> bool:
-    """Whether a local dataset directory (or a cached hub dataset) has files of `split`."""
-    path = Path(source).expanduser()
-    if not path.is_dir() and not path.is_file():
-        snapshot = _hub_snapshot(source) if "/" in source else None
-        path = Path(snapshot) if snapshot else path
-    if not path.is_dir():
-        return False
-    try:
-        files = files_for_split(path, split)     # every file, where none names a split
-    except SelfplayError:
-        return False
-    return any(f.stem.lower().startswith(split.lower()) for f in files)
-
-
-def holds_out(data: DataSettings) -> bool:
-    """Whether the training split must give up prompts for evaluation: asked for
-    (--holdout_size N), or, in `selfplay run` (-1), because the dataset has no split to
-    evaluate on but the one it trains on."""
-    if data.holdout_size == 0 or data.eval_split or data.dataset == BUILTIN_TASKS:
-        return False
-    return data.holdout_size > 0 or not has_split(data.dataset, "test")
-
-
 def report_read(res: ReadResult) -> None:
     """What a read gave, skipped and found repeated, on stderr."""
     print(f"read {res.summary()}", file=sys.stderr)
@@ -469,16 +410,3 @@ def report_read(res: ReadResult) -> None:
         print(f"  skipped: {msg}", file=sys.stderr)
     if res.repeats_line():
         print(res.repeats_line(), file=sys.stderr)
-
-
-def held_out_split(data: DataSettings) -> str:
-    """The split evaluations read: --eval_split if given; else the suite's test split when the
-    run trains on its train split; else, in `selfplay run`, a test split of the dataset's own,
-    or the split given with prompts held out of it (holds_out)."""
-    if data.eval_split:
-        return data.eval_split
-    if data.dataset == BUILTIN_TASKS and data.split == "train":
-        return "test"
-    if data.holdout_size < 0 and data.split != "test" and has_split(data.dataset, "test"):
-        return "test"
-    return data.split

@@ -52,6 +52,12 @@ class ModelPaths(Directory):
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:06d}"
 
+    def saved_checkpoints(self) -> list[Path]:
+        """The whole resumable checkpoints, oldest first (one being written has no state)."""
+        d = self.checkpoints
+        return sorted(p for p in d.glob("step-*") if (p / "trainer_state.json").exists()) \
+            if d.exists() else []
+
     def weights(self, adapter_only: bool) -> Path:
         """The weights file a finished training wrote: full (or merged) weights, or the
         adapter alone."""

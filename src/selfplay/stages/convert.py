@@ -19,15 +19,8 @@ from tqdm.auto import tqdm
 
 from selfplay.config import ConvertSettings
 from selfplay.data.pairs import ConvertReport, PreferencePair, ScoreStamp, SplitReport, write_pairs
-from selfplay.data.shards import (
-    CONVERT_REPORT,
-    SHARD_RE,
-    ShardRow,
-    find_shards,
-    list_shards,
-    pairs_file,
-    read_shard,
-)
+from selfplay.data.shards import (CONVERT_REPORT, SHARD_RE, ShardRow, find_shards, list_shards,
+                                  pairs_file, read_shard)
 from selfplay.errors import SelfplayError
 from selfplay.io import write_json_atomic
 from selfplay.judges.preferences import sppo_pair

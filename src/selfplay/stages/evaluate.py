@@ -16,8 +16,9 @@ from accelerate.utils import gather_object
 
 from selfplay.config import DataSettings, EvaluationSettings, ModelSettings, ScoringSettings
 from selfplay.data.evaluations import EvalRow, Evaluation, FamilyScore
-from selfplay.data.formats import Example, held_out_split, holds_out, read_for
+from selfplay.data.formats import Example
 from selfplay.data.shards import process_slice
+from selfplay.data.splits import held_out_split, holds_out, read_for
 from selfplay.data.tasks import check
 from selfplay.engines import Engine, Generation, SamplingSettings, open_engine, scoring_model
 from selfplay.errors import SelfplayError

@@ -18,23 +18,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from selfplay.config import (
-    DataSettings,
-    GenerationSettings,
-    ModelSettings,
-    ScoringSettings,
-    changes,
-    describe_changes,
-)
-from selfplay.data.formats import Example, read_for
-from selfplay.data.shards import (
-    ShardRow,
-    fraction,
-    process_slice,
-    read_shard,
-    shard_name,
-    write_shard,
-)
+from selfplay.config import (DataSettings, GenerationSettings, ModelSettings, ScoringSettings,
+                             changes, describe_changes)
+from selfplay.data.formats import Example
+from selfplay.data.shards import (ShardRow, fraction, process_slice, read_shard, shard_name,
+                                  write_shard)
+from selfplay.data.splits import read_for
 from selfplay.engines import SamplingSettings, open_engine, scoring_model
 from selfplay.engines.base import stream_seed
 from selfplay.errors import SelfplayError

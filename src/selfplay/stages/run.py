@@ -29,8 +29,8 @@ from huggingface_hub import HfApi
 
 from selfplay.config import Config, ConvertSettings, DataSettings
 from selfplay.data.evaluations import EvalRow, Evaluation
-from selfplay.data.formats import held_out_split, read_for
 from selfplay.data.run_paths import IterationPaths, RunPaths
+from selfplay.data.splits import held_out_split, read_for
 from selfplay.engines import engine_name
 from selfplay.errors import SelfplayError
 from selfplay.judges import Judge, make_judge

@@ -16,15 +16,10 @@ from pathlib import Path
 
 import torch
 
-from selfplay.config import (
-    DataSettings,
-    LoraSettings,
-    ModelSettings,
-    ScoringSettings,
-    TrainingSettings,
-)
-from selfplay.data.formats import read_for
+from selfplay.config import (DataSettings, LoraSettings, ModelSettings, ScoringSettings,
+                             TrainingSettings)
 from selfplay.data.run_paths import ModelPaths
+from selfplay.data.splits import read_for
 from selfplay.losses import sft_nll
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
 from selfplay.trainer import (StepFn, claim, content_hash, loop, prepare, save_final,

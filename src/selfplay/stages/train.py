@@ -29,13 +29,8 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from selfplay.config import (
-    DataSettings,
-    LoraSettings,
-    ModelSettings,
-    ScoringSettings,
-    TrainingSettings,
-)
+from selfplay.config import (DataSettings, LoraSettings, ModelSettings, ScoringSettings,
+                             TrainingSettings)
 from selfplay.data.pairs import PreferencePair, ScoreStamp, read_pairs
 from selfplay.data.run_paths import ModelPaths
 from selfplay.errors import SelfplayError
