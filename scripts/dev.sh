@@ -65,7 +65,7 @@ cmd=${1:-env}
 case "$cmd" in
   run)  exec "$VENV/bin/selfplay" run recipes/spin-smollm2-run.yaml "$@" ;;
   test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
-  test-vllm) exec "$VENV/bin/python" -m pytest -q -m vllm tests/test_vllm.py "$@" ;;
+  test-vllm) exec "$VENV/bin/python" -m pytest -q -m "vllm and not slow" tests/test_vllm.py "$@" ;;
   env)  echo "[setup] ready: $VENV" ;;
   *)    echo "usage: scripts/dev.sh run|test|test-vllm|env [args]" >&2; exit 2 ;;
 esac

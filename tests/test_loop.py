@@ -56,7 +56,9 @@ def test_two_iterations_manifest_and_report(finished_run):
     assert (out / "plots" / "training.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("stage", ["iter0/generate", "iter1/convert", "iter1/train"])
+# generate killed anywhere: tests/test_generate.py (and iter0/generate here, slow)
+@pytest.mark.parametrize("stage", [pytest.param("iter0/generate", marks=pytest.mark.slow),
+                                   "iter1/convert", "iter1/train"])
 def test_kill_and_resume_gives_the_same_result(tiny_model_dir, finished_run, tmp_path, stage):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "selfplay", *run_args(tiny_model_dir, out)]

@@ -97,6 +97,7 @@ def test_greedy_equals_hf_engine_and_samples_are_seeded():
 
 @needs_vllm
 @pytest.mark.vllm
+@pytest.mark.slow        # a minute of compiling: `scripts/dev.sh test-vllm -m vllm` runs it
 def test_compiled_engine_gives_the_eager_tokens(vllm_tiny_dir):
     """--vllm_compile true (torch.compile on CPU) changes speed, not answers."""
     from selfplay.data.tasks import split_rows

@@ -56,8 +56,9 @@ class CallableJudge:
         module = _import(mod, spec)
         self.fn = getattr(module, fn, None)
         if not callable(self.fn):
-            raise SelfplayError(f"--judge {spec!r}: module {mod!r} ({module.__file__}) has no "
-                                f"function {fn!r}.")
+            where = f" ({module.__file__})" if getattr(module, "__file__", None) else ""
+            raise SelfplayError(f"--judge {spec!r}: module {mod!r}{where} has no function "
+                                f"{fn!r}.")
         self.name = spec
 
     def matrix(self, prompt: list[dict], responses: Sequence[str], extra: dict) -> Matrix:
