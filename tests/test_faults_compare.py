@@ -28,7 +28,8 @@ def test_arms_of_the_same_folder_name_are_named_apart(tmp_path, capsys):
     """Before: one arm dropped, the other's numbers under the first's name."""
     ids = ["a", "b", "c", "d"]
     one = _run(tmp_path / "x" / "base", ids, [[True, False, False, False], [True] * 4])
-    two = _run(tmp_path / "y" / "base", ids, [[True, False, False, False], [True, False, True, True]])
+    two = _run(tmp_path / "y" / "base", ids,
+               [[True, False, False, False], [True, False, True, True]])
     assert main(["compare", str(one), str(two), "--output_dir", str(tmp_path / "c")]) == 0
     table = (tmp_path / "c" / "compare.md").read_text()
     assert "x/base (?)" in table and "y/base (?)" in table

@@ -1,7 +1,7 @@
 """The `selfplay` command: `selfplay COMMAND [RECIPE.yaml] [--key value ...]`.
 
 Every command runs with no recipe, on defaults that target the embedded model and the bundled
-task suite. Options come from the one schema in config.py; `selfplay COMMAND --help` lists them.
+task suite. Options come from the one schema in config/; `selfplay COMMAND --help` lists them.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def keep_other_evaluation(path: Path, cfg: Config) -> None:
     except SelfplayError:
         return
     now = (cfg.model.model_name_or_path, cfg.data.dataset, held_out_split(cfg.data))
-    if (old.model, old.dataset, old.split) != now:
+    if (old.model, old.dataset, (old.split or "").removesuffix(" (held out)")) != now:
         raise SelfplayError(f"{path} holds an evaluation of {old.model} on {old.dataset} "
                             f"({old.split}); nothing was evaluated: pass --overwrite to replace "
                             "it, or give another --output_dir.")

@@ -6,6 +6,7 @@ files."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -91,47 +92,70 @@ def read_jsonl(path: Path) -> list[dict]:
 LOCK_NAME = ".selfplay-lock"
 
 
-def _started(pid: int) -> str | None:
-    """A process's start time (clock ticks since boot), which a reused pid does not share;
-    None when no such process runs."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return "?"           # alive, start time unknown (not Linux)
-
-
-def _holder_alive(holder: dict) -> bool:
-    if holder.get("host") != socket.gethostname():
-        return True          # another machine's process: we cannot tell, so it holds
-    started = _started(int(holder.get("pid", -1)))
-    return started is not None and started in (holder.get("started"), "?")
-
-
 @contextlib.contextmanager
 def output_lock(directory: Path, command: str):
     """Hold `directory` for one command while it writes: a second writer fails at once, in a
-    sentence naming the holder. Under a launcher the job's main process (RANK 0) holds it
-    for all its processes: if it cannot, it fails, and the launcher ends the others before
-    they write. A lock left by a process that died (kill -9) is taken over, with a line
-    saying so."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    sentence naming the holder. The hold is an exclusive flock on OUT/.selfplay-lock, which
+    also names the holder (pid, host, command); the kernel releases it when the holder dies,
+    so a lock left by a process killed with -9 is taken over, with a line saying so. A lock
+    naming another host (a shared filesystem) is respected: its process cannot be checked
+    from here. Under a launcher the job's main process (RANK 0) holds it for all its
+    processes: if it cannot, it fails, and the launcher ends the others before they write."""
+    if int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))) != 0:
         yield
         return
     path = Path(directory) / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-          "started": _started(os.getpid()), "since": time.time()}
-    _take(path, me)
+          "since": time.time()}
+    fd = _acquire(path, me)
     try:
         yield
     finally:
-        if _read_lock(path).get("pid") == me["pid"]:
-            path.unlink(missing_ok=True)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _held(path: Path, holder: dict, elsewhere: bool = False) -> SelfplayError:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+    return SelfplayError(
+        f"{path.parent} is being written by another selfplay command (`selfplay "
+        f"{holder.get('command', '?')}`, pid {holder.get('pid', '?')} on "
+        f"{holder.get('host', '?')}, since {since}); wait for it to end, or give another "
+        "--output_dir" + (f" (if nothing runs there any more, remove {path})" if elsewhere
+                          else "") + ".")
+
+
+def _acquire(path: Path, me: dict) -> int:
+    """The open lock file, flocked and naming us."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _held(path, _read_lock(path)) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:               # the holder removed it as we opened it: open the new one
+            os.close(fd)
+            continue
+        holder = _read_lock(path)
+        if holder.get("host") not in (None, me["host"]):
+            os.close(fd)
+            raise _held(path, holder, elsewhere=True)
+        if holder.get("pid") not in (None, me["pid"]):
+            print(f"{path.parent}: taking over the lock of `selfplay "
+                  f"{holder.get('command', '?')}` (pid {holder['pid']}), which is no longer "
+                  "running.", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        return fd
 
 
 def _read_lock(path: Path) -> dict:
@@ -140,29 +164,3 @@ def _read_lock(path: Path) -> dict:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def _take(path: Path, me: dict) -> None:
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(path)
-            if holder and _holder_alive(holder):
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since",
-                                                                                       0)))
-                raise SelfplayError(
-                    f"{path.parent} is being written by another selfplay command "
-                    f"(`selfplay {holder.get('command', '?')}`, pid {holder.get('pid')} on "
-                    f"{holder.get('host')}, since {since}); wait for it to end, or give "
-                    "another --output_dir.") from None
-            print(f"{path.parent}: taking over the lock of `selfplay "
-                  f"{holder.get('command', '?')}` (pid {holder.get('pid')}), which is no "
-                  "longer running.", file=sys.stderr)
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        return
-    raise SelfplayError(f"{path.parent}: could not take its lock ({LOCK_NAME}); another "
-                        "command keeps taking it.")

@@ -3,9 +3,10 @@ each process works on, launches that would not do what they ask for, the acceler
 training runs on, and whether it is sharded (sharding.py applies FSDP2).
 
 Processes come from `accelerate launch` or `torchrun` (several machines: --num_machines /
---nnodes); without a launcher a command is one process. Generation and training use every
-process (each its own slice of the prompts; data-parallel training); what `selfplay run`
-does besides runs on the main process while the others wait (`Processes.on_main`).
+--nnodes); without a launcher a command is one process. Generation, ranking, evaluation and
+training use every process (each its own share of the prompts; data-parallel or sharded
+training); what `selfplay run` does besides (convert, the report, the manifest) runs on the
+main process while the others wait (`Processes.on_main`).
 """
 
 from __future__ import annotations
@@ -142,12 +143,12 @@ def training_accelerator(model: ModelSettings, training: TrainingSettings) -> Ac
 
 
 class Processes:
-    """The processes of a run. Generation and training use every process; everything else
-    runs on the main process while the others wait, and its failure is raised on every
-    process, so that none waits forever at the next stage."""
+    """The processes of a run. Generation, ranking, evaluation and training use every
+    process; everything else runs on the main process while the others wait, and its failure
+    is raised on every process, so that none waits forever at the next stage."""
 
     def __init__(self, model: ModelSettings):
-        # The others wait while the main process evaluates or ranks.
+        # The others wait while the main process converts, reports, or runs lm-eval.
         self.state = process_state(model, wait_hours=12)
         self.main = self.state.is_main_process
 
@@ -157,9 +158,13 @@ class Processes:
     def agree(self, decision: bool) -> bool:
         """The main process's decision, on every process (they read files that the main
         process may be rewriting)."""
+        return self.share(decision)
+
+    def share(self, value):
+        """The main process's value, on every process."""
         if self.state.num_processes == 1:
-            return decision
-        return broadcast_object_list([decision])[0]
+            return value
+        return broadcast_object_list([value])[0]
 
     def on_main(self, work) -> None:
         """work() on the main process; every process returns (or raises) when it has."""

@@ -23,14 +23,14 @@ import time
 from functools import partial
 from pathlib import Path
 
-from selfplay.config import (Config, affected_stages, changes, describe_changes, recipe_of,
-                             stage_kind)
+from selfplay.config import (Config, affected_stages, backfilled, changes, describe_changes,
+                             recipe_of, stage_kind)
 from selfplay.data.formats import DATA_SUFFIXES
 from selfplay.data.run_paths import RunPaths
 from selfplay.errors import SelfplayError
 from selfplay.io import write_json_atomic
 from selfplay.launch import Processes
-from selfplay.models import fingerprint
+from selfplay.models import file_digest, fingerprint, resolve
 
 PACKAGES = ("selfplay", "torch", "transformers", "accelerate", "peft", "datasets", "vllm")
 
@@ -82,9 +82,13 @@ def read_manifest(path: Path) -> dict:
 
 def input_fingerprints(cfg: Config) -> dict[str, str]:
     """`name@hash` of the run's dataset files (a local file or directory; the suite and hub
-    datasets are fixed by name and revision) and of its starting model's weights."""
-    out = {"model_name_or_path": f"{cfg.model.model_name_or_path}@"
-                                 f"{fingerprint(cfg.model.model_name_or_path)}"}
+    datasets are fixed by name and revision) and of its starting model's weights (a local
+    checkpoint or the embedded default; a hub id names its revision by itself). Each file's
+    digest is cached by its path, size and time (models.file_digest): read once."""
+    out = {}
+    if resolve(cfg.model.model_name_or_path).kind != "hub":
+        out["model_name_or_path"] = (f"{cfg.model.model_name_or_path}@"
+                                     f"{fingerprint(cfg.model.model_name_or_path)}")
     source = Path(cfg.data.dataset).expanduser()
     files = [source] if source.is_file() else sorted(
         p for p in source.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file()) \
@@ -92,10 +96,8 @@ def input_fingerprints(cfg: Config) -> dict[str, str]:
     if files:
         h = hashlib.sha256()
         for f in files:
-            h.update(str(f.relative_to(source) if f != source else f.name).encode())
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+            h.update(f"{f.relative_to(source) if f != source else f.name}|"
+                     f"{file_digest(f)}|".encode())
         out["dataset"] = f"{cfg.data.dataset}@{h.hexdigest()[:16]}"
     return out
 
@@ -123,15 +125,17 @@ class Manifest:
                  engine: str):
         self.path, self.root, self.procs, self.order = paths.manifest, paths.root, procs, order
         recipe = recipe_of(cfg.flat())
-        inputs = input_fingerprints(cfg)
+        # the main process's (it converts the embedded model first, where that is due)
+        inputs = procs.share(input_fingerprints(cfg) if procs.main else None)
         exists = self.path.exists()
         if exists:
             self.data = read_manifest(self.path)
         procs.wait()              # every process has read it before the main one rewrites it
         if exists:
             self._relative_checksums(self.data["recipe"].get("output_dir"))
-            # a key made resumable since the run began is no difference either
-            old = recipe_of(self.data["recipe"])
+            # a key made resumable since the run began is no difference either, nor an option
+            # added since at its default
+            old = backfilled(recipe_of(self.data["recipe"]), recipe, "run")
             diff = changes(old, recipe)
             if diff and not cfg.run.force:
                 raise SelfplayError(
@@ -201,7 +205,8 @@ class Manifest:
 
     def stage(self, key: str, outputs: list[Path], work, *, everyone: bool = False) -> bool:
         """Run `work` unless the stage is done with intact outputs; True if it ran. With
-        `everyone`, every process runs it (generation, training); else the main process."""
+        `everyone`, every process runs it (generation, ranking, evaluation, training); else
+        the main process."""
         rec = self.data["stages"].get(key)
         forced = self.redoing(key)
         say = print if self.procs.main else (lambda *a, **k: None)

@@ -28,9 +28,14 @@ class MetricsLog:
         self.window: dict[str, list[float]] = {}
         self.losses: list[float] = []           # every update's, for the divergence check
         self.t0, self.tokens = time.perf_counter(), 0
+        lines = out.log.read_text().splitlines() if out.log.exists() else []
+        kept = [ln for ln in lines if json.loads(ln)["step"] <= r.step]
+        done = 0             # a resumed training's earlier losses, each window's mean per update
+        for rec in map(json.loads, kept):
+            self.losses += [rec["loss"]] * (rec["step"] - done)
+            done = rec["step"]
+        r.accelerator.wait_for_everyone()       # all have read it before the main one cuts it
         if self.main:   # a resumed run rewrites what came after its checkpoint, never twice
-            kept = [ln for ln in (out.log.read_text().splitlines() if out.log.exists() else [])
-                    if json.loads(ln)["step"] <= r.step]
             out.log.write_text("".join(ln + "\n" for ln in kept))
             self.trackers = Trackers(training.report_to, out.tensorboard, str(out.root),
                                      r.recipe, training.wandb_project, r.step)
@@ -74,9 +79,9 @@ class MetricsLog:
             raise SelfplayError(
                 f"update {step}: the loss of the last {w} updates ({last:.4g}) is more than 3 "
                 f"times that of the first {w} ({first:.4g}): training diverges and was stopped; "
-                "nothing was saved as complete; the last good checkpoint is "
-                f"{done[-1] if done else 'none (see --save_steps)'}; lower --learning_rate or "
-                "--beta.")
+                "nothing was saved as complete; the latest checkpoint is "
+                f"{done[-1] if done else 'none (see --save_steps)'} (its loss is in "
+                "train_log.jsonl); lower --learning_rate or --beta.")
 
     def close(self) -> None:
         if self.main:

@@ -69,9 +69,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     Written to a temporary directory and renamed when complete, so an interrupted conversion
     never leaves a half checkpoint that would later load.
     """
+    check_gguf(gguf)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    check_gguf(gguf)
     try:
         try:
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -373,11 +373,11 @@ def fingerprint(spec: str) -> str:
         raise SelfplayError(f"{root} holds no weight files (*.safetensors, *.bin) to fingerprint.")
     h = hashlib.sha256()
     for p in files:
-        h.update(p.name.encode() + b"\0" + _file_digest(p).encode() + b"\0")
+        h.update(p.name.encode() + b"\0" + file_digest(p).encode() + b"\0")
     return h.hexdigest()[:16]
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     book = cache_dir() / "digests.json"

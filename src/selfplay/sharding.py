@@ -118,6 +118,11 @@ def shard(module: nn.Module, sharding: Sharding, device: torch.device, main: boo
     # The root's weights (embeddings, output layer) are used again at once in backward.
     fully_shard(module, reshard_after_forward=False, **kwargs)
     module.to_empty(device="cpu" if sharding.cpu_offload else device)
+    if sharding.cpu_offload:       # the weights rest in CPU memory; buffers compute on `device`
+        for m in module.modules():
+            for name, buf in m._buffers.items():
+                if buf is not None:
+                    m._buffers[name] = buf.to(device)
     set_model_state_dict(module, full or {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # Buffers outside the state dict (a rotary embedding's frequencies): the main process's.
@@ -156,7 +161,9 @@ def save_checkpoint(module: nn.Module, optimizer, scheduler, path: Path) -> None
     the optimizer state; the main process, the schedule."""
     model_sd, optim_sd = get_state_dict(module, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-    if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    torch.save(torch.get_rng_state(), path / f"rng-{rank}.pt")     # LoRA dropout's draws
+    if rank == 0:
         torch.save(scheduler.state_dict(), path / SCHEDULER_FILE)
 
 
@@ -168,6 +175,9 @@ def load_checkpoint(module: nn.Module, optimizer, scheduler, path: Path) -> None
     set_state_dict(module, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+    rng = path / f"rng-{dist.get_rank()}.pt"     # on another process count: new draws
+    if rng.exists():
+        torch.set_rng_state(torch.load(rng, weights_only=True))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

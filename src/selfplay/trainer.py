@@ -14,6 +14,7 @@ The step function is all that differs between the stages.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -29,7 +30,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from selfplay.config import (LoraSettings, ModelSettings, TrainingSettings, changes,
+from selfplay.config import (LoraSettings, ModelSettings, TrainingSettings, backfilled, changes,
                              describe_changes, recipe_of)
 from selfplay.data.run_paths import ModelPaths
 from selfplay.errors import SelfplayError
@@ -55,12 +56,17 @@ def start(model: ModelSettings, training: TrainingSettings, lora: LoraSettings,
     """(accelerator, trainable model, tokenizer): devices and process group, the seed, the
     model built for training (full, LoRA, QLoRA)."""
     check_reporting(training.report_to)
+    sharded = sharding_for(training) is not None      # --fsdp, or an accelerate FSDP config
+    if sharded and lora.load_in_4bit:
+        raise SelfplayError("sharding (--fsdp, or an accelerate FSDP config) shards float "
+                            "weights, and QLoRA's 4-bit weights (bitsandbytes) cannot be sharded "
+                            "by it: train QLoRA without sharding (a model per process), or LoRA "
+                            "sharded.")
     accelerator = training_accelerator(model, training)
     set_seed(seed)
     out.root.mkdir(parents=True, exist_ok=True)
     # Sharded, only the main process loads the weights, into CPU memory; the others build
     # the model's shape and receive their slices from it (sharding.shard).
-    sharded = sharding_for(training) is not None
     lm, tok = load_for_training(model.model_name_or_path, model.dtype, lora,
                                 torch.device("cpu") if sharded else accelerator.device,
                                 bf16=model.bf16,
@@ -107,7 +113,7 @@ def _optimizer(training: TrainingSettings, params):
 class Run:
     """What the loop needs, made by `prepare`."""
     accelerator: Accelerator
-    wrapped: torch.nn.Module        # the model's log-prob function, as accelerate prepared it
+    wrapped: torch.nn.Module        # the model's log-prob function, prepared or sharded
     tok: Any
     optimizer: Any
     scheduler: Any
@@ -168,7 +174,7 @@ def prepare(accelerator: Accelerator, model, tok, lengths: list[int], content: s
                               num_training_steps=total)
     accelerator.register_for_checkpointing(scheduler)
 
-    recipe = _recipe(training, len(lengths), content, seed, accelerator.num_processes,
+    recipe = _recipe(training, lengths, content, seed, accelerator.num_processes,
                      sharding is not None)
     step = 0
     if training.resume and out.saved_checkpoints():
@@ -186,13 +192,14 @@ def prepare(accelerator: Accelerator, model, tok, lengths: list[int], content: s
                total, step, recipe, sharding is not None)
 
 
-def _recipe(training: TrainingSettings, items: int, content: str, seed: int, processes: int,
-            sharded: bool) -> dict[str, Any]:
-    """The training options, seed, process count and data (the hash of its content) that a
-    resumed training must share with its checkpoint. A sharded checkpoint loads on any
-    process count: it keeps the global batch instead."""
-    recipe = {**recipe_of(dataclasses.asdict(training)),
-              "seed": seed, "processes": processes, "items": items, "data": content}
+def _recipe(training: TrainingSettings, lengths: list[int], content: str, seed: int,
+            processes: int, sharded: bool) -> dict[str, Any]:
+    """The training options, seed, process count and data (its items' token counts, and the
+    hash of what they hold) that a resumed training must share with its checkpoint. A sharded
+    checkpoint loads on any process count: it keeps the global batch instead."""
+    data = hashlib.sha256(json.dumps(lengths).encode()).hexdigest()[:16]
+    recipe = {**recipe_of(dataclasses.asdict(training)), "seed": seed,
+              "processes": processes, "items": len(lengths), "data": data, "content": content}
     if sharded:
         recipe["global_batch"] = recipe.pop("per_device_train_batch_size") * recipe.pop(
             "processes")
@@ -202,8 +209,11 @@ def _recipe(training: TrainingSettings, items: int, content: str, seed: int, pro
 
 def _same_recipe(old: dict[str, Any], new: dict[str, Any], checkpoint: Path) -> None:
     """Refuse to resume a checkpoint under other options: the run would mix two recipes."""
+    # Checkpoints of selfplay before d75f237 (2026-12-05) kept the data as its token counts
+    # alone ("data"): compared on those, and on options added since at their defaults.
+    old = backfilled({"content": new["content"], **old}, new, "train")
     diff = changes(old, new)
-    if {"data", "items"} & set(diff):
+    if {"data", "items", "content"} & set(diff):
         raise SelfplayError(
             f"{checkpoint} was made on other data (the content of the pairs or examples read "
             "now differs: the dataset changed since); resume on the data it was made on, or "
@@ -329,7 +339,7 @@ def save_final(r: Run, lora: LoraSettings, base: ModelSettings, out: ModelPaths,
                                          torch.device("cpu"))
             model.load_state_dict(state)
             state = None
-    elif not lora.use_peft:   # every process takes part: it gathers ZeRO-3 / FSDP shards
+    elif not lora.use_peft:   # every process takes part: it gathers ZeRO-3's partitions
         state = {k[len("model."):]: v for k, v in acc_.get_state_dict(r.wrapped).items()
                  if k.startswith("model.")}
     if acc_.is_main_process:
@@ -337,7 +347,18 @@ def save_final(r: Run, lora: LoraSettings, base: ModelSettings, out: ModelPaths,
         write_json_atomic(out.complete, record)
         shutil.rmtree(out.checkpoints, ignore_errors=True)
     acc_.wait_for_everyone()
-    close_sharding()
+
+
+def releases_group(stage):
+    """A training stage that closes the one-process group sharding may have made for it, on
+    its way out, failed or not (the next training in the same process makes its own)."""
+    @functools.wraps(stage)
+    def wrapper(*args, **kwargs):
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            close_sharding()
+    return wrapper
 
 
 def skip_if_complete(out: ModelPaths, overwrite: bool) -> bool:
@@ -377,7 +398,7 @@ def claim(accelerator: Accelerator, out: ModelPaths, *, overwrite: bool, resume:
                             "was deleted.")
     accelerator.wait_for_everyone()       # every process has looked before anything goes
     if accelerator.is_main_process:
-        if overwrite:           # entry by entry: the lock stays, a linked directory too
+        if overwrite:           # entry by entry: the lock stays; a linked entry is unlinked
             for p in entries:
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)

@@ -7,8 +7,8 @@
   loading.py   defaults, recipe, command line, coercion; the grouped --help
 """
 
-from selfplay.config.effects import (RESUMABLE, affected_stages, changes, describe_changes,
-                                     feeds, recipe_of, stage_kind)
+from selfplay.config.effects import (RESUMABLE, affected_stages, backfilled, changes,
+                                     describe_changes, feeds, recipe_of, stage_kind)
 from selfplay.config.loading import (coerce, format_help, load_config, parse_mixture,
                                      parse_overrides)
 from selfplay.config.schema import (ALIASES, FIELDS, GROUP_OF, GROUPS, Config, ConvertSettings,
@@ -21,6 +21,6 @@ __all__ = ["ALIASES", "FIELDS", "GROUPS", "GROUP_OF", "METHOD_DEFAULTS", "RESUMA
            "RUN_METHOD_DEFAULTS", "Config", "ConvertSettings", "DataSettings",
            "EvaluationSettings", "GenerationSettings", "JobSettings", "LoraSettings",
            "ModelSettings", "RankSettings", "RunSettings", "ScoringSettings", "TrainingSettings",
-           "affected_stages", "changes", "coerce", "describe_changes", "feeds", "fields_for",
-           "format_help", "load_config", "parse_mixture", "parse_overrides", "recipe_of",
-           "stage_kind"]
+           "affected_stages", "backfilled", "changes", "coerce", "describe_changes", "feeds",
+           "fields_for", "format_help", "load_config", "parse_mixture", "parse_overrides",
+           "recipe_of", "stage_kind"]

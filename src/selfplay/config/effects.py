@@ -4,8 +4,10 @@ redoes, and the one sentence that says what changed."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from selfplay.config.options import ALL_STAGES
 from selfplay.config.schema import FIELDS
 
 # Keys that change how work is done, not what it computes.
@@ -16,14 +18,22 @@ def feeds(key: str) -> frozenset[str]:
     """The stage kinds a key's value changes (none for a resumable key; a key of no option,
     such as one of a manifest written by another version, feeds every stage)."""
     f = FIELDS.get(key)
-    if f is None:
-        return frozenset({"sft", "control", "generate", "rank", "convert", "train", "evaluate"})
-    return f.metadata["feeds"]
+    return frozenset(ALL_STAGES) if f is None else f.metadata["feeds"]
 
 
 def recipe_of(flat: dict[str, Any]) -> dict[str, Any]:
     """The keys of a flat config that what is computed depends on."""
     return {k: v for k, v in flat.items() if k not in RESUMABLE}
+
+
+def backfilled(old: dict[str, Any], new: dict[str, Any], command: str) -> dict[str, Any]:
+    """`old` (a recipe recorded by an earlier version) with the options it lacks, which did
+    not exist then, taken at their defaults for `command`: the earlier version did what the
+    default does, so they are no change."""
+    missing = {k: FIELDS[k].metadata["command_defaults"].get(command, FIELDS[k].default)
+               for k in new if k not in old and k in FIELDS
+               and FIELDS[k].default is not dataclasses.MISSING}
+    return {**missing, **old}
 
 
 def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -101,10 +101,6 @@ class Config:
         self._check_learning_rates()
         need(not (self.training.resume and self.job.overwrite),
              "--resume and --overwrite contradict each other.")
-        need(not (self.training.fsdp and self.lora.load_in_4bit),
-             "--fsdp shards float weights, and QLoRA's 4-bit weights (bitsandbytes) cannot be "
-             "sharded by it: train QLoRA without --fsdp (a model per process), or LoRA with "
-             "--fsdp.")
         need(self.run.method != "sppo" or (self.generation.num_samples >= 2
                                            and self.training.loss_type.startswith("sppo")),
              "--method sppo needs --num_samples of at least 2 (the paper: 5) and an SPPO "

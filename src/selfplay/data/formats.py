@@ -254,6 +254,16 @@ def _iter_file(path: Path) -> Iterator[tuple[int, dict | Exception]]:
         raise SelfplayError(f"{path}: unsupported file type; use .jsonl, .json or .parquet.")
 
 
+SPLIT_NAMES = ("train", "test", "validation", "valid", "eval", "dev")
+
+
+def split_of(p: Path) -> str | None:
+    """The split a data file's name gives it (`train_prefs-…`, `test.jsonl`), if any."""
+    stem = p.stem.lower()
+    return next((s for s in SPLIT_NAMES if stem == s or stem.startswith((s + "_", s + "-"))),
+                None)
+
+
 def files_for_split(directory: Path, split: str) -> list[Path]:
     """Data files of a split in a directory, in the naming of the published datasets.
 
@@ -264,13 +274,6 @@ def files_for_split(directory: Path, split: str) -> list[Path]:
                    and not p.name.startswith("."))
     if not files:
         raise SelfplayError(f"{directory} holds no .jsonl, .json or .parquet files.")
-    split_names = ("train", "test", "validation", "valid", "eval", "dev")
-
-    def split_of(p: Path) -> str | None:
-        stem = p.stem.lower()
-        return next((s for s in split_names if stem == s or stem.startswith((s + "_", s + "-"))),
-                    None)
-
     if not any(split_of(p) for p in files):
         return files
     chosen = [p for p in files if split_of(p) == split.lower()

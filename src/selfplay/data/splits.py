@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from selfplay.config import DataSettings
-from selfplay.data.formats import (BUILTIN_TASKS, ReadResult, hub_snapshot, files_for_split,
-                                   read_examples, report_read)
+from selfplay.data.formats import (BUILTIN_TASKS, ReadResult, files_for_split, read_examples,
+                                   report_read, split_of)
 from selfplay.errors import SelfplayError
 
 
@@ -37,8 +37,13 @@ def read_for(data: DataSettings, split: str | None = None, held_out: bool = Fals
     held = set(sorted(e.prompt_id for e in res.examples)[:n])
     keep = [e for e in res.examples if (e.prompt_id in held) == held_out]
     if not held_out:
+        rest = len(keep)
         keep = keep[data.skip_prompts:]
         keep = keep[:data.max_prompts] if data.max_prompts else keep
+        if not keep:
+            raise SelfplayError(f"{data.dataset} (split {split!r}) has {rest} prompts left to "
+                                f"train on once {n} are held out for evaluation, and "
+                                f"--skip_prompts {data.skip_prompts} skips them all.")
     print(f"{data.dataset} has no test split: {n} of its {len(res.examples)} prompts, those "
           "with the smallest id hashes, are held out for evaluation (--holdout_size), and "
           f"training reads the others; this read takes {len(keep)}.", file=sys.stderr)
@@ -48,18 +53,17 @@ def read_for(data: DataSettings, split: str | None = None, held_out: bool = Fals
 
 
 def has_split(source: str, split: str) -> bool:
-    """Whether a local dataset directory (or a cached hub dataset) has files of `split`."""
+    """Whether a local dataset directory has files of `split`, named as files_for_split names
+    them (a hub dataset: never decided by what the cache holds; name its split with
+    --eval_split)."""
     path = Path(source).expanduser()
-    if not path.is_dir() and not path.is_file():
-        snapshot = hub_snapshot(source) if "/" in source else None
-        path = Path(snapshot) if snapshot else path
     if not path.is_dir():
         return False
     try:
         files = files_for_split(path, split)     # every file, where none names a split
     except SelfplayError:
         return False
-    return any(f.stem.lower().startswith(split.lower()) for f in files)
+    return any(split_of(f) == split.lower() for f in files)
 
 
 def holds_out(data: DataSettings) -> bool:

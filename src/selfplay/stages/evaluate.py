@@ -92,17 +92,6 @@ def summarize(rows: list[EvalRow], ref: list[tuple[float, int]] | None,
         settings=settings, rows=rows)
 
 
-def evaluate(engine: Engine, examples: list[Example], max_new_tokens: int, batch_size: int,
-             scoring: ScoringSettings, desc: str = "evaluate",
-             reference_likelihood: bool = True, loaded: ModelSettings | None = None
-             ) -> Evaluation:
-    """Greedy generation on every prompt, then the measures, with a row per prompt (in one
-    process; evaluate_models spreads the prompts over the launched processes)."""
-    rows, ref = answer(engine, examples, max_new_tokens, batch_size, scoring, desc,
-                       reference_likelihood, loaded)
-    return summarize(rows, ref, how_evaluated(engine, max_new_tokens, batch_size, scoring))
-
-
 def how_evaluated(engine: Engine, max_new_tokens: int, batch_size: int,
                   scoring: ScoringSettings) -> dict:
     return {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True,
@@ -153,7 +142,9 @@ def evaluate_models(model: ModelSettings, data: DataSettings, max_new_tokens: in
     if baseline.endswith(".json"):      # a saved evaluation: checked now, before any work
         baseline_rows = saved_rows(Path(baseline), [e.prompt_id for e in examples])
 
-    state = process_state(model)     # each process answers its share; all get the whole
+    # each process answers its share, and all get the whole; the others wait while the main
+    # process runs lm-eval, which can outlast a collective's default timeout
+    state = process_state(model, wait_hours=12)
     lo, hi = process_slice(len(examples), state.process_index, state.num_processes)
     device = str(state.device) if model.device == "auto" else model.device
 

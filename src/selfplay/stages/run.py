@@ -129,8 +129,10 @@ def open_run(cfg: Config) -> Run:
     if "wandb" in parse_report_to(cfg.training.report_to):
         # the run's trainings and its report side by side in W&B
         os.environ.setdefault("WANDB_RUN_GROUP", paths.root.resolve().name)
-    # every process judges its share of the ranking, on its own device
-    judge = make_judge(cfg.rank, str(procs.state.device)) if cfg.run.method == "sppo" else None
+    # every process judges its share of the ranking, on its own device (one process: the
+    # judge's own default, as `selfplay rank` has it)
+    device = str(procs.state.device) if procs.state.num_processes > 1 else None
+    judge = make_judge(cfg.rank, device) if cfg.run.method == "sppo" else None
     return Run(cfg, paths, manifest, procs, judge)
 
 
@@ -241,12 +243,14 @@ def evaluate_step(r: Run, key: str, c: Config, model: Model, previous: Model | N
         result = evaluate_models(replace(c.model, model_name_or_path=model.path), held_out,
                                  c.generation.max_new_tokens, c.scoring,
                                  replace(c.evaluation, baseline=""), baseline_rows=prev_rows)
-        if not r.procs.main:
-            return
-        if judge is not None:
-            result.judge_win_rate = judge_win_rate(held_out, judge, result.rows, prev_rows)
-            result.judge = judge.name
-        result.write(model.eval)
+
+        def judge_and_write() -> None:      # the main process's; its failure reaches all
+            if judge is not None:
+                result.judge_win_rate = judge_win_rate(held_out, judge, result.rows, prev_rows)
+                result.judge = judge.name
+            result.write(model.eval)
+
+        r.procs.on_main(judge_and_write)
 
     r.manifest.stage(key, [model.eval], work, everyone=True)
 

@@ -22,8 +22,8 @@ from selfplay.data.run_paths import ModelPaths
 from selfplay.data.splits import read_for
 from selfplay.losses import sft_nll
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
-from selfplay.trainer import (StepFn, claim, content_hash, loop, prepare, save_final,
-                              skip_if_complete, start)
+from selfplay.trainer import (StepFn, claim, content_hash, loop, prepare, releases_group,
+                              save_final, skip_if_complete, start)
 
 
 def sequence_step(seqs: list[Encoded], pad_id: int) -> StepFn:
@@ -42,6 +42,7 @@ def sequence_step(seqs: list[Encoded], pad_id: int) -> StepFn:
     return step
 
 
+@releases_group
 def sft(model: ModelSettings, data: DataSettings, scoring: ScoringSettings,
         training: TrainingSettings, lora: LoraSettings, out_dir: Path, *, seed: int,
         overwrite: bool = False, repeat: int = 1) -> Path:

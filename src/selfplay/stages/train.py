@@ -35,12 +35,13 @@ from selfplay.data.pairs import PreferencePair, ScoreStamp, read_pairs
 from selfplay.data.run_paths import ModelPaths
 from selfplay.errors import SelfplayError
 from selfplay.io import write_json_atomic
+from selfplay.launch import sharding_for
 from selfplay.logprobs import ResponseLogProbs
 from selfplay.losses import pair_loss
 from selfplay.models import fingerprint, load_model
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
-from selfplay.trainer import (StepFn, claim, content_hash, loop, prepare, save_final,
-                              skip_if_complete, start)
+from selfplay.trainer import (StepFn, claim, content_hash, loop, prepare, releases_group,
+                              save_final, skip_if_complete, start)
 
 # The loss arguments each SPPO loss takes, and the pair fields they come from.
 LOSS_PROBS = {"sppo": {"p_win": "chosen_probs_win", "p_lose": "chosen_probs_lose"},
@@ -186,10 +187,11 @@ def compute_reference(scorer, pairs: list[TrainPair], pad_id: int, batch_size: i
 
 def reference_logps(scorer, pairs: list[TrainPair], pad_id: int, accelerator, out: ModelPaths,
                     *, start: ModelSettings, reference: ScoreStamp, chunk: int,
-                    training: TrainingSettings, load_in_4bit: bool) -> None:
+                    training: TrainingSettings, load_in_4bit: bool,
+                    bf16_params: bool = False) -> None:
     """Fill every pair's reference log-probs: from the cache, the pairs, or computed once (by
     `scorer`, the prepared log-prob module, when θ_t is the model being trained)."""
-    fp = _fingerprint(reference, load_in_4bit, pairs, training.fsdp_bf16_params)
+    fp = _fingerprint(reference, load_in_4bit, pairs, bf16_params)
     # Every process reads the cache between two barriers, before the main one may write it, so
     # all take the same path: one that found the cache the main process had just written, and
     # returned, left the others waiting forever at the barrier below (seen with two launchers).
@@ -263,6 +265,7 @@ def pair_step(pairs: list[TrainPair], pad_id: int, training: TrainingSettings) -
 # The stage
 # ---------------------------------------------------------------------------------------
 
+@releases_group
 def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, float]],
           scoring: ScoringSettings, training: TrainingSettings, lora: LoraSettings,
           out_dir: Path, *, seed: int, overwrite: bool = False) -> Path:
@@ -277,7 +280,9 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
                            fingerprint(ref_spec), model.bf16)
     # Under QLoRA the starting policy is the 4-bit base, and with FSDP's bf16 weights the
     # policy computes in bf16: neither is the float model that scored the pairs.
-    stored_ok = not (lora.load_in_4bit or training.fsdp_bf16_params)
+    sharding = sharding_for(training)
+    bf16_params = sharding is not None and sharding.bf16_params
+    stored_ok = not (lora.load_in_4bit or bf16_params)
     pairs, stats = load_pairs(sources, data, scoring, training.loss_type,
                               reference if stored_ok else None, tok)
     if accelerator.is_main_process and stats.unused_probs:
@@ -294,7 +299,8 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
     def fill_reference(scorer) -> None:       # θ_t's weights: prepared, not yet restored
         reference_logps(scorer, pairs, tok.pad_token_id, accelerator, out, start=model,
                         reference=reference, chunk=scoring.logprob_chunk_size,
-                        training=training, load_in_4bit=lora.load_in_4bit)
+                        training=training, load_in_4bit=lora.load_in_4bit,
+                        bf16_params=bf16_params)
 
     # read before the reference pass fills what was not stored
     content = content_hash([(p.chosen.input_ids, p.chosen.n_prompt, p.rejected.input_ids,
