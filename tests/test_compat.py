@@ -109,3 +109,27 @@ def test_an_evaluation_of_the_first_version_reads(tmp_path):
     assert e.correct() == [True, False] and e.accuracy_ci95 is None
     assert "arith" in format_table(e) and "50.0%" in format_table(e)
     assert "| start | 50.0% |" in table([ModelRow("start", e)])
+
+
+def test_a_checkpoint_from_before_content_hashes_resumes(tiny_model_dir, tmp_path):
+    """Training checkpoints of selfplay before d75f237 kept the data as token counts alone,
+    and no sharding options: they resume, compared on what they kept."""
+    from helpers import kill_after_first_checkpoint, write_parquet
+    from selfplay.cli import main
+    u = {"role": "user", "content": "What is 2 plus 2?"}
+    rows = [{"real": [u, {"role": "assistant", "content": f"It is {i}."}],
+             "generated": [u, {"role": "assistant", "content": f"Maybe {i + 1}."}]}
+            for i in range(16)]
+    data = write_parquet(tmp_path / "pairs" / "train_prefs-00000-of-00001.parquet", rows)
+    out = tmp_path / "model"
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(data.parent),
+            "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps",
+            "40", "--save_steps", "2", "--report_to", "none"]
+    kill_after_first_checkpoint(args, out)
+    for state in out.glob("checkpoints/step-*/trainer_state.json"):
+        s = json.loads(state.read_text())
+        for key in ("content", "fsdp", "fsdp_bf16_params"):
+            del s["recipe"][key]
+        state.write_text(json.dumps(s))
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "training_complete.json").read_text())["steps"] == 40

@@ -251,3 +251,21 @@ def test_two_processes_run_the_loop_as_one(machines, fsdp, tiny_model_dir, tmp_p
     assert (two / "report.md").exists()
     done = json.loads((two / "iter0" / "model" / "training_complete.json").read_text())
     assert ("sharding" in done) == fsdp
+
+
+def test_a_manifest_from_before_the_newer_options_resumes(tiny_model_dir, finished_run,
+                                                          capsys):
+    """A run directory of selfplay before --fsdp, --fsdp_bf16_params and --holdout_size
+    existed (its recipe lacks them): those options at their defaults are no change."""
+    path = finished_run / "manifest.json"
+    saved = path.read_text()
+    m = json.loads(saved)
+    for key in ("fsdp", "fsdp_bf16_params", "holdout_size"):
+        del m["recipe"][key]
+    m.pop("inputs")
+    path.write_text(json.dumps(m))
+    try:
+        assert main(run_args(tiny_model_dir, finished_run)) == 0
+        assert capsys.readouterr().err.count("done; skipped") == 9
+    finally:
+        path.write_text(saved)
