@@ -15,6 +15,13 @@ def always_tie(prompt, responses, extra):
     return from_scores([0.0] * len(responses))
 
 
+def tie_on_odd(prompt, responses, extra):
+    """Ties all samples of a prompt whose text has an odd length; else by_length."""
+    if len(prompt[-1]["content"]) % 2:
+        return always_tie(prompt, responses, extra)
+    return by_length(prompt, responses, extra)
+
+
 def slow_by_length(prompt, responses, extra):
     """by_length at a model judge's pace (10 ms a prompt): a rank long enough to interrupt."""
     time.sleep(0.01)

@@ -154,9 +154,10 @@ def test_sppo_columns_under_a_pair_loss_are_named(tiny_model_dir, tmp_path, caps
          "rejected": [m, {"role": "assistant", "content": "no"}], "chosen_probs": 0.8,
          "chosen_probs_win": 0.7, "chosen_probs_lose": 0.3} for i, m in enumerate(u)])
     assert _train(tiny_model_dir, data, tmp_path / "out", "--max_steps", "1") == 0
-    assert (f"warning: {data} holds SPPO win probabilities (chosen_probs, chosen_probs_win, "
-            "chosen_probs_lose), which --loss_type sigmoid ignores; --loss_type sppo trains on "
-            "them.") in capsys.readouterr().err
+    assert (f"{data} holds SPPO win probabilities (chosen_probs, chosen_probs_win, "
+            "chosen_probs_lose), which --loss_type sigmoid does not read: it trains the best "
+            "answer against the worst, as iterative DPO (--loss_type sppo trains on them).") \
+        in capsys.readouterr().err
 
 
 def test_a_learning_rate_that_is_surely_a_typo_is_refused(tiny_model_dir, pairs_dir, tmp_path,

@@ -5,7 +5,7 @@ No project module is imported inside a function (except the CLI's lazy command d
 The floors, from the ground up (docs/architecture.md draws the same):
   0  errors, hub
   1  kernels and records: rendering, logprobs, losses, stats, config/*, io, model_files,
-     data/*, judges/preferences, tracking
+     data/*, judges/preferences, tracking, selection
   2  model building, engines and processes: models, engines/*, launch, sharding
   3  judges, the training loop (trainer, metrics), the run's manifest
   4  stages that do one thing: generate, score, rank, convert, sft, train, evaluate (and its
@@ -26,7 +26,7 @@ FLOORS = {
     "selfplay.errors": 0, "selfplay.hub": 0,
     "selfplay.rendering": 1, "selfplay.logprobs": 1, "selfplay.losses": 1, "selfplay.config": 1,
     "selfplay.data": 1, "selfplay.judges.preferences": 1, "selfplay.stats": 1,
-    "selfplay.tracking": 1, "selfplay.io": 1, "selfplay.model_files": 1,
+    "selfplay.tracking": 1, "selfplay.io": 1, "selfplay.model_files": 1, "selfplay.selection": 1,
     "selfplay.models": 2, "selfplay.engines": 2, "selfplay.launch": 2, "selfplay.sharding": 2,
     "selfplay.judges": 3, "selfplay.trainer": 3, "selfplay.manifest": 3, "selfplay.metrics": 3,
     "selfplay.stages": 4,

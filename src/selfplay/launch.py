@@ -160,6 +160,11 @@ class Processes:
         process may be rewriting)."""
         return self.share(decision)
 
+    def say(self, line: str) -> None:
+        """A line on stderr, once (the main process's)."""
+        if self.main:
+            print(line, file=sys.stderr)
+
     def share(self, value):
         """The main process's value, on every process."""
         if self.state.num_processes == 1:

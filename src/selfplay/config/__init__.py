@@ -15,10 +15,10 @@ from selfplay.config.schema import (ALIASES, FIELDS, GROUP_OF, GROUPS, Config, C
                                     DataSettings, EvaluationSettings, GenerationSettings,
                                     JobSettings, LoraSettings, ModelSettings, RankSettings,
                                     RunSettings, ScoringSettings, TrainingSettings, fields_for)
-from selfplay.config.training import METHOD_DEFAULTS, RUN_METHOD_DEFAULTS
+from selfplay.config.training import METHOD_DEFAULTS, RANKED_METHODS, RUN_METHOD_DEFAULTS
 
-__all__ = ["ALIASES", "FIELDS", "GROUPS", "GROUP_OF", "METHOD_DEFAULTS", "RESUMABLE",
-           "RUN_METHOD_DEFAULTS", "Config", "ConvertSettings", "DataSettings",
+__all__ = ["ALIASES", "FIELDS", "GROUPS", "GROUP_OF", "METHOD_DEFAULTS", "RANKED_METHODS",
+           "RESUMABLE", "RUN_METHOD_DEFAULTS", "Config", "ConvertSettings", "DataSettings",
            "EvaluationSettings", "GenerationSettings", "JobSettings", "LoraSettings",
            "ModelSettings", "RankSettings", "RunSettings", "ScoringSettings", "TrainingSettings",
            "affected_stages", "backfilled", "changes", "coerce", "describe_changes", "feeds",

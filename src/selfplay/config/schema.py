@@ -105,6 +105,13 @@ class Config:
                                            and self.training.loss_type.startswith("sppo")),
              "--method sppo needs --num_samples of at least 2 (the paper: 5) and an SPPO "
              "--loss_type (sppo, sppo_single or sppo_hard).")
+        need(not self.run.select_on or self.data.eval_split != self.run.select_on,
+             f"--select_on {self.run.select_on} chooses on that split and reads the test split "
+             f"once at the end; --eval_split {self.data.eval_split} would make them one split.")
+        need(self.run.method != "dpo" or (self.generation.num_samples >= 2 and
+                                          self.training.loss_type in ("sigmoid", "hinge")),
+             "--method dpo (iterative DPO) needs --num_samples of at least 2 (best against "
+             "worst of K) and a pair loss (--loss_type sigmoid, DPO's, or hinge).")
 
 
     def _check_learning_rates(self) -> None:

@@ -6,17 +6,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from selfplay.config.options import PAIR_CMDS, TRAIN_CMDS, TRAINING_STAGES, need, opt
-from selfplay.losses import LOSSES
+from selfplay.losses import KL_TYPES, LOSSES
 from selfplay.tracking import parse_report_to
 
-# What --method sppo changes, for keys the recipe and command line leave unset: the paper's
-# sampling (K = 5, temperature 0.7, top_p 0.9), loss, and data (each iteration its own);
-# under `selfplay run`, also the sizing of the embedded default SPPO run: K samples cost K
-# generations, so fewer prompts fit in its 30 minutes (docs/sppo-default-run.md).
-METHOD_DEFAULTS = {"sppo": {"num_samples": 5, "temperature": 0.7, "top_p": 0.9,
-                            "loss_type": "sppo", "data_policy": "current"}}
-RUN_METHOD_DEFAULTS = {"sppo": {"output_dir": "runs/sppo", "max_prompts": 64,
-                                "learning_rate": 5e-6}}
+# What --method sppo and dpo change, for keys the recipe and command line leave unset: the
+# SPPO paper's sampling (K = 5, temperature 0.7, top_p 0.9), the loss, and the data (each
+# iteration its own, as RLHFlow's iterative DPO too); under `selfplay run`, also the sizing of
+# the embedded default run: K samples cost K generations, so fewer prompts fit in its 30
+# minutes (docs/sppo-default-run.md).
+_SAMPLING = {"num_samples": 5, "temperature": 0.7, "top_p": 0.9, "data_policy": "current"}
+METHOD_DEFAULTS = {"sppo": {**_SAMPLING, "loss_type": "sppo"},
+                   "dpo": {**_SAMPLING, "loss_type": "sigmoid"}}
+RUN_METHOD_DEFAULTS = {m: {"output_dir": f"runs/{m}", "max_prompts": 64, "learning_rate": 5e-6}
+                       for m in ("sppo", "dpo")}
+# The methods whose iterations sample K answers per prompt and rank them with a judge.
+RANKED_METHODS = ("sppo", "dpo")
 # Inside `selfplay run` the SFT stage and the control arm train with sft_learning_rate,
 # AdamW and SFT's loss: these keys feed the self-play training alone.
 _PAIR_TRAINING = ("train",)
@@ -60,6 +64,17 @@ class TrainingSettings:
                          "max(0, 1 - β·margin); sppo (soft), sppo_single, sppo_hard: SPPO's, "
                          "on pairs with win probabilities.", PAIR_CMDS,
                          choices=tuple(LOSSES), feeds=_PAIR_TRAINING)
+    ref_mixture: float = opt(0.0, "Regularized SPIN (α-SPIN): the reference as the geometric "
+                             "mixture (1 − α)·log θ_t + α·log θ_0 (0: θ_t, SPIN; 1: θ_0); needs "
+                             "a pair loss (sigmoid, hinge).", PAIR_CMDS, feeds=_PAIR_TRAINING)
+    kl_coef: float = opt(0.0, "Weight of a KL term toward θ_0 (regularized SPIN and SPPO, as "
+                         "RSPO estimates it on θ_t's samples; 0: none).", PAIR_CMDS,
+                         feeds=_PAIR_TRAINING)
+    kl_type: str = opt("both", "With --kl_coef: forward (KL(θ_0‖θ), importance-weighted), "
+                       "reverse (KL(θ‖θ_0), the squared log-ratio) or both, summed.", PAIR_CMDS,
+                       choices=KL_TYPES, feeds=_PAIR_TRAINING)
+    base_model: str = opt("", "θ_0, the model --ref_mixture and --kl_coef regularize toward "
+                          "(`selfplay run` sets it to its θ_0).", {"train"}, feeds=_PAIR_TRAINING)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
                                        TRAIN_CMDS, resumable=True)
     fsdp: bool = opt(False, "Shard the weights, gradients and optimizer state over the launched "
@@ -115,6 +130,12 @@ class TrainingSettings:
              "--max_grad_norm and --weight_decay must be 0 or positive.")
         need(0 <= self.warmup_ratio < 1, "--warmup_ratio must lie in [0, 1).")
         need(self.beta > 0, "--beta must be positive.")
+        need(0 <= self.ref_mixture <= 1, "--ref_mixture must lie in [0, 1].")
+        need(self.kl_coef >= 0, "--kl_coef must be 0 (none) or positive.")
+        need(self.ref_mixture == 0 or self.loss_type in ("sigmoid", "hinge"),
+             f"--ref_mixture needs a loss of answer differences (sigmoid, hinge), where the "
+             f"mixture's normalizer cancels; --loss_type {self.loss_type} regresses each "
+             "answer's log-ratio on its own.")
         need(self.logging_steps > 0, "--logging_steps must be positive.")
         parse_report_to(self.report_to)
         need(self.save_steps >= 0, "--save_steps must be 0 (final model only) or positive.")
@@ -154,13 +175,17 @@ class RunSettings:
     """The loop of `selfplay run`."""
     # The iterations; their evaluations follow their new models (and the judge's win rate
     # follows rank).
-    method: str = opt("spin", "Self-play method: spin (pairs against the dataset's answers) or "
-                      "sppo (K samples judged against each other). sppo changes the defaults of "
-                      + ", ".join(f"{k} ({v})" for k, v in {**METHOD_DEFAULTS["sppo"],
-                                                            **RUN_METHOD_DEFAULTS["sppo"]}.items())
-                      + "; sft is the control arm: each iteration continues supervised fine-tuning "
-                      "on the same prompts with as many updates as a SPIN iteration.", {"run"},
-                      choices=("spin", "sppo", "sft"),
+    method: str = opt("spin", "Self-play method: spin (pairs against the dataset's answers), "
+                      "sppo (K samples judged against each other, each answer's log-ratio "
+                      "regressed toward its win rate) or dpo (iterative DPO: the judge's best of "
+                      "the K samples against its worst, the DPO loss against θ_t). sppo changes "
+                      "the defaults of " + ", ".join(
+                          f"{k} ({v})" for k, v in {**METHOD_DEFAULTS["sppo"],
+                                                    **RUN_METHOD_DEFAULTS["sppo"]}.items())
+                      + "; dpo the same, with loss_type (sigmoid); sft is the control arm: each "
+                      "iteration continues supervised fine-tuning on the same prompts with as "
+                      "many updates as a SPIN iteration.", {"run"},
+                      choices=("spin", *RANKED_METHODS, "sft"),
                       feeds=("generate", "rank", "convert", "train", "control"))
     num_iterations: int = opt(2, "Iterations t = 0 .. T-1; iteration t trains θ_{t+1} from θ_t.",
                               {"run"}, feeds=("loop",))
@@ -190,6 +215,16 @@ class RunSettings:
                       resumable=True)
     push_to_hub: str = opt("", "Push the final model to this hub repository (nothing is pushed "
                            "unless set).", {"run"}, resumable=True)
+    opponent_history: int = opt(1, "Regularized SPIN (fictitious play): each pair's generated "
+                                "answer is drawn, per prompt and seeded, from the last h "
+                                "iterates' generations instead of θ_t's alone (1: SPIN).",
+                                {"run"}, feeds=("convert",))
+    select_on: str = opt("", "validation: evaluate every model on the validation split, keep "
+                         "the best (best/), and read the test split once, for it and θ_0.",
+                         {"run"}, choices=("", "validation"), feeds=("evaluate", "loop"))
+    patience: int = opt(0, "With --select_on: stop after this many iterations in a row bring "
+                        "no gain on validation over the best so far (0: run them all).",
+                        {"run"}, feeds=("loop", "evaluate"))
     match_steps_of: str = opt("", "With --method sft: a SPIN run directory whose iterations set "
                               "this arm's updates per iteration (--drop_identical can leave SPIN "
                               "fewer pairs than prompts).", {"run"}, feeds=("control",))
@@ -203,6 +238,13 @@ class RunSettings:
         need(self.sft_epochs >= 0 and self.sft_learning_rate > 0 and self.sft_max_prompts >= 0,
              "--sft_epochs and --sft_max_prompts must be 0 or positive, --sft_learning_rate "
              "positive.")
+        need(self.opponent_history >= 1, "--opponent_history must be at least 1 (θ_t alone).")
+        need(self.opponent_history == 1 or self.method == "spin",
+             "--opponent_history draws SPIN's generated answers from past iterates; it needs "
+             "--method spin.")
+        need(self.patience >= 0, "--patience must be 0 (run every iteration) or positive.")
+        need(not self.patience or self.select_on, "--patience stops on validation; it needs "
+             "--select_on validation.")
         need(not self.match_steps_of or self.method == "sft",
              "--match_steps_of sets the updates of the SFT control arm; it needs --method sft.")
 

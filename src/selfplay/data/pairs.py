@@ -203,10 +203,11 @@ class SplitReport:
     empty_responses: int = 0        # pairs with an empty side: kept (θ_t's answer), counted
     mean_chosen_probs_win: float | None = None    # SPPO only
     mean_chosen_probs_lose: float | None = None
+    earlier_opponents: int | None = None   # --opponent_history: answers of earlier iterates
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items()
-                if v is not None or not k.startswith("mean_")}
+                if v is not None or not k.startswith(("mean_", "earlier_"))}
 
 
 @dataclass

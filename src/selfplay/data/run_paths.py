@@ -9,12 +9,16 @@
       iter{t}/pairs/train_prefs-….parquet  convert's pairs, and convert_report.json
       iter{t}/model/                       θ_{t+1}: a checkpoint (see ModelPaths)
       iter{t}/eval.json                    θ_{t+1} on the held-out prompts
+      best/  best/selection.json           --select_on: the model chosen on validation (its
+                                           files linked), and why it was chosen
+      test/theta0_eval.json  test/best_eval.json   θ_0 and it, on the test split, read once
 
     MODEL_DIR/ (what `selfplay sft` and `selfplay train` write)
       .selfplay-output        the marker: this directory is ours (--overwrite may clear it)
       model.safetensors | adapter_model.safetensors, config and tokenizer files
       training_complete.json  train_log.jsonl  tensorboard/
       reference_logps.json    θ_t's log-probs, computed once, with their fingerprint
+      base_logps.json         θ_0's, likewise, for the regularized losses
       checkpoints/step-NNNNNN/ resumable states, removed when training completes
       adapter/                 QLoRA: the adapter that was merged into the saved weights
 """
@@ -46,6 +50,7 @@ class ModelPaths(Directory):
     log = _under("train_log.jsonl")
     tensorboard = _under("tensorboard")
     reference_cache = _under("reference_logps.json")
+    base_cache = _under("base_logps.json")
     checkpoints = _under("checkpoints")
     adapter = _under("adapter")
 
@@ -85,6 +90,11 @@ class RunPaths(Directory):
     report = _under("report.md")
     plots = _under("plots")
     base_eval = _under("base", "eval.json")
+    best = _under("best")
+    selection = _under("best", "selection.json")
+    test = _under("test")
+    theta0_test_eval = _under("test", "theta0_eval.json")
+    best_test_eval = _under("test", "best_eval.json")
 
     @property
     def sft(self) -> IterationPaths:

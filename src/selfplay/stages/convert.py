@@ -13,6 +13,8 @@ kept, as θ_t's own answer, which SPIN trains away from, and counted: never sile
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -60,6 +62,29 @@ def spin_pairs(rows: list[ShardRow], drop_identical: bool = False
     return pairs, identical
 
 
+def draw_opponents(rows: list[ShardRow], earlier: list[list[ShardRow]], key: str
+                   ) -> tuple[list[ShardRow], int]:
+    """Fictitious play (regularized SPIN, arXiv 2404.04291): each prompt's generated answers
+    come from one of the last h iterates (θ_t's rows and `earlier`, h − 1 iterates' rows of
+    the same prompts), drawn uniformly per prompt, seeded by `key`. Answers of an earlier
+    iterate lose their stored log-probs, which were not θ_t's: training computes them with
+    θ_t. Returns the rows and how many came from earlier iterates."""
+    by_prompt = [{(r.prompt_id, r.reference): r for r in old} for old in earlier]
+    out, drawn = [], 0
+    for r in rows:
+        options = [r] + [b[(r.prompt_id, r.reference)] for b in by_prompt
+                         if (r.prompt_id, r.reference) in b]
+        h = int(hashlib.sha256(f"{key}|{r.prompt_id}".encode()).hexdigest(), 16)
+        pick = options[h % len(options)]
+        if pick is not r:
+            drawn += 1
+            r = replace(r, responses=pick.responses, response_tokens=pick.response_tokens,
+                        finish_reasons=pick.finish_reasons, ref_logp_responses=None,
+                        ref_ntok_responses=None, score_settings=None)
+        out.append(r)
+    return out, drawn
+
+
 def sppo_pairs(rows: list[ShardRow]) -> tuple[list[PreferencePair], int]:
     """The SPPO pair of each ranked prompt, and how many prompts tied throughout."""
     pairs, ties = [], 0
@@ -80,8 +105,11 @@ def sppo_pairs(rows: list[ShardRow]) -> tuple[list[PreferencePair], int]:
     return pairs, ties
 
 
-def convert(settings: ConvertSettings, out_dir: Path) -> ConvertReport:
-    """Merge the shards of settings.shards_dir into pair files in out_dir."""
+def convert(settings: ConvertSettings, out_dir: Path, opponents: list[Path] = (),
+            draw_key: str = "") -> ConvertReport:
+    """Merge the shards of settings.shards_dir into pair files in out_dir. With `opponents`
+    (earlier iterates' shard directories), SPIN's generated answers of the train split are
+    drawn from them too (draw_opponents, seeded by `draw_key`)."""
     shards_dir, out_dir = Path(settings.shards_dir), Path(out_dir)
     if not shards_dir.is_dir():
         raise SelfplayError(f"shard directory {shards_dir} does not exist.")
@@ -111,6 +139,11 @@ def convert(settings: ConvertSettings, out_dir: Path) -> ConvertReport:
                 seen.add((row.prompt_id, row.reference))
                 rows.append(row)
         ranked = bool(rows) and rows[0].ranked
+        earlier = None
+        if opponents and split == "train" and not ranked:
+            rows, earlier = draw_opponents(
+                rows, [[r for f in find_shards(d, shard_split, 0)[0] for r in read_shard(f)]
+                       for d in opponents], draw_key)
         if ranked:
             (pairs, ties), identical = sppo_pairs(rows), 0
         else:
@@ -131,7 +164,7 @@ def convert(settings: ConvertSettings, out_dir: Path) -> ConvertReport:
             mean_chosen_probs_win=sum(p.chosen_probs_win for p in pairs) / n
             if ranked and n else None,
             mean_chosen_probs_lose=sum(p.chosen_probs_lose for p in pairs) / n
-            if ranked and n else None)
+            if ranked and n else None, earlier_opponents=earlier)
     if not report.splits:
         raise SelfplayError(f"{shards_dir} holds no generation shards (files named "
                             "SPLIT-fracNNNNN-rankNNN-ofNNN.jsonl, as `selfplay generate` writes).")

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import matplotlib
 
+from selfplay.config import RANKED_METHODS
 from selfplay.data.evaluations import Evaluation
 from selfplay.data.pairs import ConvertReport, SplitReport
 from selfplay.data.run_paths import RunPaths
 from selfplay.errors import SelfplayError
 from selfplay.io import read_jsonl, writable_dir
 from selfplay.manifest import read_manifest
+from selfplay.selection import read_selection
 from selfplay.stats import PairedChange, paired_change
 
 matplotlib.use("Agg")
@@ -258,7 +260,7 @@ def _training_plot(models: list[ModelRow], path: Path, method: str) -> Path | No
         offset = steps[-1]
         for ax in axes:
             ax.axvline(offset, color="grey", lw=0.5)
-    margin = "chosen − rejected" if method == "sppo" else "real − generated"
+    margin = "chosen − rejected" if method in RANKED_METHODS else "real − generated"
     for ax, title in zip(axes, ("loss", f"reward margin ({margin})", "reward accuracy")):
         ax.set_title(title)
         ax.set_xlabel("update")
@@ -298,6 +300,26 @@ def evaluated_on(models: list[ModelRow], recipe: dict) -> str:
     return f"evaluated greedily on the held-out split ({split or '?'})"
 
 
+def selection_section(paths: RunPaths) -> list[str]:
+    """--select_on: which model was chosen on validation and why, then θ_0 and it on the test
+    split, read once."""
+    sel = read_selection(paths.selection)
+    if sel is None:
+        return []
+    lines = ["## The best model, chosen on validation", "",
+             f"Chosen: **{sel['best']}** (`best/`). {sel['reason']}"
+             + (f" The run stopped early: {sel['patience']} iteration(s) in a row without a "
+                "gain (--patience)." if sel["stopped_early"] else ""), ""]
+    rows = [ModelRow(f"θ_0 ({sel['verdicts'][0]['name']})",
+                     Evaluation.read(paths.theta0_test_eval))]
+    if paths.best_test_eval.exists():
+        rows.append(ModelRow(f"best ({sel['best']})", Evaluation.read(paths.best_test_eval)))
+    split = rows[0].eval.split or "test"
+    lines += [f"On the {split} split, read once for these models alone (the change is paired "
+              "against θ_0 on the same prompts):", "", table(rows), ""]
+    return lines
+
+
 def write_report(run_dir: str | Path) -> str:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the iteration table."""
     paths = RunPaths(Path(run_dir))
@@ -325,6 +347,7 @@ def write_report(run_dir: str | Path) -> str:
                  "against the previous one on the held-out prompts: "
                  + ", ".join(f"{m.name} {_pct(m.eval.judge_win_rate)}" for m in judged)
                  + ".", ""]
+    body += selection_section(paths)
     pt = pairs_table(models)
     if pt:
         body += ["## Training pairs per iteration", "", pt, ""]

@@ -3,8 +3,9 @@
 Iteration t (θ_t: the model given, for t = from_iteration; iteration t-1's model after):
   generate  θ_t answers the train prompts (SPPO: K samples each); SPIN also scores the
             references and answers with θ_t                                   iter{t}/generated
-  rank      SPPO only: the judge's K×K preference matrix per prompt             iter{t}/ranked
-  convert   shards → pairs: SPIN real/generated; SPPO chosen/rejected + win rates iter{t}/pairs
+  rank      SPPO, DPO: the judge's K×K preference matrix per prompt            iter{t}/ranked
+  convert   shards → pairs: SPIN real/generated; SPPO, DPO chosen/rejected + win rates
+                                                                                iter{t}/pairs
   train     θ_{t+1} from θ_t (or the SFT model), θ_t as reference              iter{t}/model
   evaluate  θ_{t+1} on the held-out split, win rate against θ_t                 iter{t}/eval.json
 θ_{t+1} is then the opponent of iteration t+1. The starting model is evaluated once first
@@ -21,21 +22,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from selfplay.config import Config, ConvertSettings, DataSettings
+from selfplay.config import RANKED_METHODS, Config, ConvertSettings, DataSettings
 from selfplay.data.evaluations import EvalRow, Evaluation
 from selfplay.data.run_paths import IterationPaths, RunPaths
-from selfplay.data.splits import held_out_split, read_for
+from selfplay.data.splits import has_split, held_out_split, read_for
 from selfplay.engines import engine_name
 from selfplay.errors import SelfplayError
 from selfplay.judges import Judge, make_judge
 from selfplay.launch import Processes
-from selfplay.manifest import Manifest
+from selfplay.io import write_json_atomic
+from selfplay.manifest import Manifest, remove
+from selfplay.selection import Candidate, Selection, select
 from selfplay.stages.convert import convert
 from selfplay.stages.evaluate import evaluate_models
 from selfplay.stages.generate import generate
@@ -47,7 +51,7 @@ from selfplay.tracking import check_reporting, parse_report_to, report_run
 
 
 def stage_names(method: str) -> tuple[str, ...]:
-    if method == "sppo":
+    if method in RANKED_METHODS:
         return ("generate", "rank", "convert", "train", "evaluate")
     if method == "sft":
         return ("sft", "evaluate")
@@ -62,7 +66,8 @@ def stage_order(cfg: Config) -> list[str]:
     keys = ["base/evaluate"] + (["sft/train", "sft/evaluate"] if has_sft_stage(cfg) else [])
     for t in range(cfg.run.from_iteration, cfg.run.num_iterations):
         keys += [f"iter{t}/{s}" for s in stage_names(cfg.run.method)]
-    return keys
+    # choosing reads every evaluation before it, and the test split: an evaluation's kind
+    return keys + (["best/evaluate"] if cfg.run.select_on else [])
 
 
 @dataclass
@@ -72,7 +77,7 @@ class Run:
     paths: RunPaths
     manifest: Manifest
     procs: Processes
-    judge: Judge | None         # SPPO's, on every process
+    judge: Judge | None         # SPPO's and DPO's, on every process
 
 
 @dataclass
@@ -104,23 +109,35 @@ def run(cfg: Config) -> Path:
     evaluate_step(r, "base/evaluate", cfg, start, None)
     theta = make_theta0(r, start) if has_sft_stage(cfg) else start
     theta0 = theta.path                 # where --start_from sft starts every iteration
+    models = [("SFT" if has_sft_stage(cfg) else "start", theta)]
     for t in range(cfg.run.from_iteration, cfg.run.num_iterations):
         it = iteration_inputs(r, t, theta, theta0)
         if it.c.run.method == "sft":
             continue_sft(r, it)
         else:
             generate_step(r, it)
-            if it.c.run.method == "sppo":
+            if it.c.run.method in RANKED_METHODS:
                 rank_step(r, it)
             convert_step(r, it)
             train_step(r, it)
         theta = Model(str(it.paths.model.root), it.paths.eval)
         evaluate_step(r, it.key("evaluate"), it.c, theta, it.theta, r.judge)
+        models.append((f"iteration {t}", theta))
+        if cfg.run.select_on and choose(models, cfg.run.patience).stop:
+            r.procs.say(f"iteration {t}: {cfg.run.patience} iteration(s) in a row without a "
+                        "gain on validation; stopping (--patience).")
+            break
+    if cfg.run.select_on:
+        best_step(r, models)
     return finish(r, theta)
 
 
 def open_run(cfg: Config) -> Run:
     check_reporting(cfg.training.report_to)
+    sel, source = cfg.run.select_on, Path(cfg.data.dataset).expanduser()
+    if sel and (source.is_file() or source.is_dir() and not has_split(str(source), sel)):
+        raise SelfplayError(f"--select_on {sel} evaluates every model on the {sel} split, and "
+                            f"{cfg.data.dataset} has none (a file or files named after it).")
     paths = RunPaths(Path(cfg.job.output_dir))
     paths.root.mkdir(parents=True, exist_ok=True)
     procs = Processes(cfg.model)
@@ -132,7 +149,7 @@ def open_run(cfg: Config) -> Run:
     # every process judges its share of the ranking, on its own device (one process: the
     # judge's own default, as `selfplay rank` has it)
     device = str(procs.state.device) if procs.state.num_processes > 1 else None
-    judge = make_judge(cfg.rank, device) if cfg.run.method == "sppo" else None
+    judge = make_judge(cfg.rank, device) if cfg.run.method in RANKED_METHODS else None
     return Run(cfg, paths, manifest, procs, judge)
 
 
@@ -181,11 +198,12 @@ def continue_sft(r: Run, it: Iteration) -> None:
 
 def generate_step(r: Run, it: Iteration) -> None:
     """θ_t answers the iteration's prompts. SPIN trains on every generated row, so θ_t scores
-    them while it is loaded. SPPO trains on 2 of K responses, and only for prompts whose
-    samples do not all tie: the trainer scores those few once with θ_t, its own starting
-    model, before training."""
+    them while it is loaded. SPPO and DPO train on 2 of K responses, and only for prompts
+    whose samples do not all tie: the trainer scores those few once with θ_t, its own
+    starting model, before training."""
     c = it.c
-    gen = replace(c.generation, data_frac=0, frac_len=0, score=c.run.method != "sppo")
+    gen = replace(c.generation, data_frac=0, frac_len=0,
+                  score=c.run.method not in RANKED_METHODS)
 
     def work() -> None:
         generate(replace(c.model, model_name_or_path=it.theta.path), it.prompts, gen,
@@ -195,7 +213,7 @@ def generate_step(r: Run, it: Iteration) -> None:
 
 
 def rank_step(r: Run, it: Iteration) -> None:
-    """SPPO: the judge's K×K matrix for each prompt's samples, each process judging its
+    """SPPO, DPO: the judge's K×K matrix for each prompt's samples, each process judging its
     share."""
     def work() -> None:
         rank(it.paths.generated, it.paths.ranked, r.judge)
@@ -205,10 +223,15 @@ def rank_step(r: Run, it: Iteration) -> None:
 
 def convert_step(r: Run, it: Iteration) -> None:
     """The shards become pairs, or the iteration fails with the reason it has none."""
-    shards = it.paths.ranked if it.c.run.method == "sppo" else it.paths.generated
+    shards = it.paths.ranked if it.c.run.method in RANKED_METHODS else it.paths.generated
+
+    h = it.c.run.opponent_history
+    earlier = [d for k in range(max(0, it.t - h + 1), it.t)
+               if (d := r.paths.iteration(k).generated).is_dir()]
 
     def work() -> None:
-        convert_nonempty(shards, it.paths.pairs, it.t, it.c.convert.drop_identical)
+        convert_nonempty(shards, it.paths.pairs, it.t, it.c.convert.drop_identical, earlier,
+                         f"{it.c.job.seed}|iter{it.t}")
 
     r.manifest.stage(it.key("convert"), [it.paths.train_pairs], work)
 
@@ -224,7 +247,8 @@ def train_step(r: Run, it: Iteration) -> None:
     def work() -> None:
         train(replace(c.model, model_name_or_path=start),
               replace(it.prompts, split="train", max_prompts=0, skip_prompts=0),  # train_prefs
-              sources, c.scoring, replace(c.training, reference_model=it.theta.path, resume=True),
+              sources, c.scoring, replace(c.training, reference_model=it.theta.path,
+                                          base_model=it.theta0, resume=True),
               c.lora, it.paths.model.root, seed=c.job.seed,
               overwrite=r.manifest.redoing(it.key("train")))
 
@@ -234,25 +258,78 @@ def train_step(r: Run, it: Iteration) -> None:
 
 def evaluate_step(r: Run, key: str, c: Config, model: Model, previous: Model | None,
                   judge: Judge | None = None) -> None:
-    """A model on the whole held-out split (max_prompts sizes the train prompts), paired with
-    the previous model's answers; with a judge (SPPO's), also its win rate against them."""
-    held_out = replace(c.data, max_prompts=0, skip_prompts=0)
+    """A model on the whole held-out split (max_prompts sizes the train prompts; with
+    --select_on, the validation split), paired with the previous model's answers; with a
+    judge (SPPO's, DPO's), also its win rate against them."""
+    held_out = replace(c.data, max_prompts=0, skip_prompts=0,
+                       eval_split=c.run.select_on or c.data.eval_split)
 
-    def work() -> None:         # every process answers its share of the prompts
-        prev_rows = Evaluation.read(previous.eval).rows if previous else None
-        result = evaluate_models(replace(c.model, model_name_or_path=model.path), held_out,
-                                 c.generation.max_new_tokens, c.scoring,
-                                 replace(c.evaluation, baseline=""), baseline_rows=prev_rows)
-
-        def judge_and_write() -> None:      # the main process's; its failure reaches all
-            if judge is not None:
-                result.judge_win_rate = judge_win_rate(held_out, judge, result.rows, prev_rows)
-                result.judge = judge.name
-            result.write(model.eval)
-
-        r.procs.on_main(judge_and_write)
+    def work() -> None:
+        evaluate_into(r, c, model.path, held_out, model.eval,
+                      Evaluation.read(previous.eval).rows if previous else None, judge)
 
     r.manifest.stage(key, [model.eval], work, everyone=True)
+
+
+def evaluate_into(r: Run, c: Config, model: str, data: DataSettings, dest: Path,
+                  prev_rows: list[EvalRow] | None, judge: Judge | None = None) -> Evaluation:
+    """Every process answers its share of the prompts; the main one judges and writes."""
+    result = evaluate_models(replace(c.model, model_name_or_path=model), data,
+                             c.generation.max_new_tokens, c.scoring,
+                             replace(c.evaluation, baseline=""), baseline_rows=prev_rows)
+
+    def judge_and_write() -> None:      # the main process's; its failure reaches all
+        if judge is not None:
+            result.judge_win_rate = judge_win_rate(data, judge, result.rows, prev_rows)
+            result.judge = judge.name
+        result.write(dest)
+
+    r.procs.on_main(judge_and_write)
+    return result
+
+
+def choose(models: list[tuple[str, Model]], patience: int) -> Selection:
+    """The best of the run's models so far on validation (selection.py)."""
+    return select([Candidate(name, m.path, Evaluation.read(m.eval)) for name, m in models],
+                  patience)
+
+
+def best_step(r: Run, models: list[tuple[str, Model]]) -> None:
+    """--select_on: the best model on validation, linked into best/, and the test split read
+    once, by θ_0 and by it (paired on the same prompts)."""
+    c, p = r.cfg, r.paths
+    test = replace(c.data, max_prompts=0, skip_prompts=0)      # the split the run would read
+
+    def work() -> None:
+        sel = choose(models, c.run.patience)
+        r.procs.on_main(lambda: link_model(Path(sel.chosen.path), p.best))
+        theta0 = evaluate_into(r, c, models[0][1].path, test, p.theta0_test_eval, None)
+        best = theta0 if sel.best == 0 else evaluate_into(
+            r, c, sel.chosen.path, test, p.best_test_eval, theta0.rows)
+        sel.test = {"split": theta0.split, "theta0": theta0.accuracy,
+                    "theta0_ci95": theta0.accuracy_ci95, "best": best.accuracy,
+                    "best_ci95": best.accuracy_ci95,
+                    "change": asdict(best.paired) if best.paired else None}
+        r.procs.on_main(lambda: write_json_atomic(p.selection, sel.to_json()))
+        r.procs.say(f"best on validation: {sel.reason()}")
+
+    r.manifest.stage("best/evaluate", [p.best, p.test], work, everyone=True)
+
+
+def link_model(src: Path, dest: Path) -> None:
+    """dest/ as a copy of the model directory src/ that costs no space: its files hard-linked
+    (copied where the file system cannot link). θ_0 given as a hub id has no directory: then
+    dest/ holds only the selection, which names it."""
+    remove([dest])
+    dest.mkdir(parents=True)
+    if not src.is_dir():
+        return
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".tmp":
+            try:
+                os.link(f, dest / f.name)
+            except OSError:
+                shutil.copy2(f, dest / f.name)
 
 
 def finish(r: Run, last: Model) -> Path:
@@ -296,11 +373,16 @@ def _weights(c: Config, it: IterationPaths) -> Path:
     return it.model.weights(adapter_only=c.lora.use_peft and not c.lora.merge_adapter)
 
 
-def convert_nonempty(shards: Path, pairs_dir: Path, t: int, drop_identical: bool) -> None:
+def convert_nonempty(shards: Path, pairs_dir: Path, t: int, drop_identical: bool,
+                     opponents: list[Path] = (), draw_key: str = "") -> None:
     """convert, failing with the reason when the iteration has nothing to train on."""
     report = convert(ConvertSettings(shards_dir=str(shards), drop_identical=drop_identical),
-                     pairs_dir)
+                     pairs_dir, opponents, draw_key)
     train = report.splits.get("train")
+    if train and train.all_tie_prompts_left_out:
+        print(f"iteration {t}: {train.all_tie_prompts_left_out} of {train.prompts} prompts give "
+              "no pair: the judge tied all their samples (with the rule judge: all right or all "
+              "wrong).", file=sys.stderr)
     if train and train.empty_responses:
         print(f"iteration {t}: {train.empty_responses} of {train.pairs} pairs have an empty "
               "generated answer (kept: it is what θ_t answered).", file=sys.stderr)

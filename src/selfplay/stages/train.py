@@ -37,7 +37,7 @@ from selfplay.errors import SelfplayError
 from selfplay.io import write_json_atomic
 from selfplay.launch import sharding_for
 from selfplay.logprobs import ResponseLogProbs
-from selfplay.losses import pair_loss
+from selfplay.losses import pair_loss, regularized
 from selfplay.models import fingerprint, load_model
 from selfplay.rendering import Encoded, collate, prompt_ids, response_ids, truncate
 from selfplay.trainer import (StepFn, claim, content_hash, loop, prepare, releases_group,
@@ -58,6 +58,8 @@ class TrainPair:
     rejected: Encoded            # SPIN: θ_t's answer ("generated")
     ref_chosen: float | None = None
     ref_rejected: float | None = None
+    base_chosen: float | None = None     # θ_0's, for the regularized losses
+    base_rejected: float | None = None
 
 
 @dataclass
@@ -146,14 +148,17 @@ def _fingerprint(reference: ScoreStamp, load_in_4bit: bool, pairs: list[TrainPai
 
 @torch.no_grad()
 def compute_reference(scorer, pairs: list[TrainPair], pad_id: int, batch_size: int,
-                      accelerator) -> None:
-    """θ_t's log-probs for pairs that have none stored; each process scores a share.
+                      accelerator, fields: tuple[str, str] = ("ref_chosen", "ref_rejected")
+                      ) -> None:
+    """θ_t's log-probs (or, by `fields`, θ_0's) for pairs that have none stored; each process
+    scores a share.
 
     `scorer` is a log-prob module (logprobs.ResponseLogProbs): the one prepared for training,
     before any update (under FSDP and ZeRO-3 only its wrapper holds whole weights: it gathers
     each layer's shards in forward, as in training), or one around θ_t loaded for this pass.
     A sharded forward is a collective, so every process runs the same number of batches."""
-    todo = [i for i, p in enumerate(pairs) if p.ref_chosen is None]
+    chosen_field, rejected_field = fields
+    todo = [i for i, p in enumerate(pairs) if getattr(p, chosen_field) is None]
     if not todo:
         return
     inner = accelerator.unwrap_model(scorer).model
@@ -181,46 +186,75 @@ def compute_reference(scorer, pairs: list[TrainPair], pad_id: int, batch_size: i
                 bar.update(len(idx))
     bar.close()
     for i, w, l in gather_object(results):
-        pairs[i].ref_chosen, pairs[i].ref_rejected = w, l
+        setattr(pairs[i], chosen_field, w)
+        setattr(pairs[i], rejected_field, l)
     scorer.train(was_training)
+
+
+@dataclass
+class LogProbPass:
+    """One set of log-probs every pair needs before training: θ_t's (the reference) or θ_0's
+    (the base the regularizers pull toward), with the file that caches them."""
+    stamp: ScoreStamp
+    cache: Path
+    fields: tuple[str, str]
 
 
 def reference_logps(scorer, pairs: list[TrainPair], pad_id: int, accelerator, out: ModelPaths,
                     *, start: ModelSettings, reference: ScoreStamp, chunk: int,
                     training: TrainingSettings, load_in_4bit: bool,
-                    bf16_params: bool = False) -> None:
-    """Fill every pair's reference log-probs: from the cache, the pairs, or computed once (by
-    `scorer`, the prepared log-prob module, when θ_t is the model being trained)."""
-    fp = _fingerprint(reference, load_in_4bit, pairs, bf16_params)
+                    bf16_params: bool = False, base: ScoreStamp | None = None) -> None:
+    """Fill every pair's reference log-probs (and, with `base`, θ_0's): from the cache, the
+    pairs, or computed once (by `scorer`, the prepared log-prob module, when the model scored
+    is the one being trained)."""
+    passes = [LogProbPass(reference, out.reference_cache, ("ref_chosen", "ref_rejected"))]
+    if base is not None:
+        passes.append(LogProbPass(base, out.base_cache, ("base_chosen", "base_rejected")))
+    for lp in passes:
+        if lp.fields[0] == "base_chosen" and lp.stamp.fingerprint == reference.fingerprint:
+            for p in pairs:            # θ_0 is θ_t (iteration 0): the same log-probs
+                p.base_chosen, p.base_rejected = p.ref_chosen, p.ref_rejected
+            continue
+        _fill(lp, scorer, pairs, pad_id, accelerator, out, start=start, chunk=chunk,
+              training=training, load_in_4bit=load_in_4bit, bf16_params=bf16_params)
+
+
+def _fill(lp: LogProbPass, scorer, pairs: list[TrainPair], pad_id: int, accelerator,
+          out: ModelPaths, *, start: ModelSettings, chunk: int, training: TrainingSettings,
+          load_in_4bit: bool, bf16_params: bool) -> None:
+    fp = _fingerprint(lp.stamp, load_in_4bit, pairs, bf16_params)
+    w_field, l_field = lp.fields
     # Every process reads the cache between two barriers, before the main one may write it, so
     # all take the same path: one that found the cache the main process had just written, and
     # returned, left the others waiting forever at the barrier below (seen with two launchers).
     accelerator.wait_for_everyone()
-    cached = json.loads(out.reference_cache.read_text()) if out.reference_cache.exists() \
-        else None
+    cached = json.loads(lp.cache.read_text()) if lp.cache.exists() else None
     accelerator.wait_for_everyone()
     if cached is not None:
         if cached["fingerprint"] == fp:
             for p, w, l in zip(pairs, cached["chosen"], cached["rejected"]):
-                p.ref_chosen, p.ref_rejected = w, l
+                setattr(p, w_field, w)
+                setattr(p, l_field, l)
             return
-    elif training.resume and any(p.ref_chosen is None for p in pairs) and \
+    elif training.resume and any(getattr(p, w_field) is None for p in pairs) and \
             out.checkpoints.exists():
-        raise SelfplayError(f"{out.root} has checkpoints but no {out.reference_cache.name}: the "
-                            "reference log-probs of θ_t cannot be recomputed from moved weights; "
+        raise SelfplayError(f"{out.root} has checkpoints but no {lp.cache.name}: the log-probs "
+                            f"of {lp.stamp.model} cannot be recomputed from moved weights; "
                             "start over with --overwrite.")
     batch = training.per_device_train_batch_size * 2
-    if reference.fingerprint != fingerprint(start.model_name_or_path):
-        # θ_t is not the starting point (start_from: sft): load it for this pass only.
-        ref, _ = load_model(reference.model, str(accelerator.device), start.dtype)
-        compute_reference(ResponseLogProbs(ref, chunk), pairs, pad_id, batch, accelerator)
+    if lp.stamp.fingerprint != fingerprint(start.model_name_or_path):
+        # not the starting point (θ_t under start_from sft; θ_0 after iteration 0): loaded
+        # for this pass only
+        ref, _ = load_model(lp.stamp.model, str(accelerator.device), start.dtype)
+        compute_reference(ResponseLogProbs(ref, chunk), pairs, pad_id, batch, accelerator,
+                          lp.fields)
         del ref
     else:
-        compute_reference(scorer, pairs, pad_id, batch, accelerator)
+        compute_reference(scorer, pairs, pad_id, batch, accelerator, lp.fields)
     if accelerator.is_main_process:
-        write_json_atomic(out.reference_cache,
-                          {"fingerprint": fp, "chosen": [p.ref_chosen for p in pairs],
-                           "rejected": [p.ref_rejected for p in pairs]})
+        write_json_atomic(lp.cache, {"fingerprint": fp,
+                                     "chosen": [getattr(p, w_field) for p in pairs],
+                                     "rejected": [getattr(p, l_field) for p in pairs]})
     accelerator.wait_for_everyone()
 
 
@@ -239,9 +273,16 @@ def _metrics(loss_vec, pw, pl, rw, rl, beta, names=("real", "generated")
             f"logps/{w}": pw.detach().mean(), f"logps/{l}": pl.detach().mean()}
 
 
+def regularizes(training: TrainingSettings) -> bool:
+    return bool(training.ref_mixture or training.kl_coef)
+
+
 def pair_step(pairs: list[TrainPair], pad_id: int, training: TrainingSettings) -> StepFn:
-    names = ("chosen", "rejected") if training.loss_type.startswith("sppo") \
-        else ("real", "generated")
+    # SPIN's pairs are real against generated; SPPO's and iterative DPO's the judge's chosen
+    # against rejected, both samples of θ_t
+    sampled = training.loss_type.startswith("sppo") or \
+        any(p.record.chosen_probs is not None for p in pairs)
+    names = ("chosen", "rejected") if sampled else ("real", "generated")
     probs_of = LOSS_PROBS.get(training.loss_type, {})
 
     def step(forward, idx: list[int], _: list[int]):   # a mean over pairs: equal shares
@@ -254,7 +295,16 @@ def pair_step(pairs: list[TrainPair], pad_id: int, training: TrainingSettings) -
         rl = torch.tensor([p.ref_rejected for p in ps], device=dev)
         probs = {arg: torch.tensor([getattr(p.record, f) for p in ps], device=dev,
                                    dtype=torch.float32) for arg, f in probs_of.items()}
-        loss_vec = pair_loss(training.loss_type, pw, pl, rw, rl, training.beta, **probs)
+        if regularizes(training):
+            bw = torch.tensor([p.base_chosen for p in ps], device=dev)
+            bl = torch.tensor([p.base_rejected for p in ps], device=dev)
+            # the dataset's answer (SPIN) is no sample of θ_t: no KL estimate on it
+            loss_vec = regularized(training.loss_type, pw, pl, rw, rl, training.beta,
+                                   base_w=bw, base_l=bl, ref_mixture=training.ref_mixture,
+                                   kl_coef=training.kl_coef, kl_type=training.kl_type,
+                                   kl_on_chosen=sampled, **probs)
+        else:
+            loss_vec = pair_loss(training.loss_type, pw, pl, rw, rl, training.beta, **probs)
         return (loss_vec.mean(), _metrics(loss_vec, pw, pl, rw, rl, training.beta, names),
                 int(batch["attention_mask"].sum()))
 
@@ -278,6 +328,13 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
     ref_spec = training.reference_model or model.model_name_or_path
     reference = ScoreStamp(ref_spec, scoring.max_length, scoring.max_prompt_length,
                            fingerprint(ref_spec), model.bf16)
+    base = None
+    if regularizes(training):
+        if not training.base_model:
+            raise SelfplayError("--ref_mixture and --kl_coef regularize toward θ_0: name it "
+                                "with --base_model (`selfplay run` sets it).")
+        base = ScoreStamp(training.base_model, scoring.max_length, scoring.max_prompt_length,
+                          fingerprint(training.base_model), model.bf16)
     # Under QLoRA the starting policy is the 4-bit base, and with FSDP's bf16 weights the
     # policy computes in bf16: neither is the float model that scored the pairs.
     sharding = sharding_for(training)
@@ -286,9 +343,10 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
     pairs, stats = load_pairs(sources, data, scoring, training.loss_type,
                               reference if stored_ok else None, tok)
     if accelerator.is_main_process and stats.unused_probs:
-        print(f"warning: {', '.join(stats.unused_probs)} holds SPPO win probabilities "
-              "(chosen_probs, chosen_probs_win, chosen_probs_lose), which --loss_type "
-              f"{training.loss_type} ignores; --loss_type sppo trains on them.", file=sys.stderr)
+        print(f"{', '.join(stats.unused_probs)} holds SPPO win probabilities (chosen_probs, "
+              f"chosen_probs_win, chosen_probs_lose), which --loss_type {training.loss_type} "
+              "does not read: it trains the best answer against the worst, as iterative DPO "
+              "(--loss_type sppo trains on them).", file=sys.stderr)
     if accelerator.is_main_process:
         print(f"{len(pairs)} pairs; {stats.truncated} truncated to max_length "
               f"{scoring.max_length} / max_prompt_length {scoring.max_prompt_length}; "
@@ -300,7 +358,7 @@ def train(model: ModelSettings, data: DataSettings, sources: list[tuple[str, flo
         reference_logps(scorer, pairs, tok.pad_token_id, accelerator, out, start=model,
                         reference=reference, chunk=scoring.logprob_chunk_size,
                         training=training, load_in_4bit=lora.load_in_4bit,
-                        bf16_params=bf16_params)
+                        bf16_params=bf16_params, base=base)
 
     # read before the reference pass fills what was not stored
     content = content_hash([(p.chosen.input_ids, p.chosen.n_prompt, p.rejected.input_ids,
