@@ -44,3 +44,17 @@ def test_arms_evaluated_on_other_prompts_are_refused(tmp_path, capsys):
     assert main(["compare", str(one), str(two), "--output_dir", str(tmp_path / "c")]) == 2
     assert "was evaluated on other prompts than arm a (?)" in capsys.readouterr().err
     assert not (tmp_path / "c" / "compare.md").exists()
+
+
+def test_differences_are_taken_against_the_control_arm_wherever_it_stands(tmp_path):
+    """The SFT control arm (--method sft) is the reference of every difference column, even
+    when it is not the first directory given."""
+    ids = ["a", "b", "c", "d"]
+    spin = _run(tmp_path / "spin", ids, [[True, False, False, False], [True, True, True, False]])
+    ctrl = _run(tmp_path / "ctrl", ids, [[True, False, False, False], [True, True, False, False]])
+    for d, m in ((spin, "spin"), (ctrl, "sft")):
+        (d / "manifest.json").write_text(json.dumps({"recipe": {"method": m}, "stages": {}}))
+    assert main(["compare", str(spin), str(ctrl), "--output_dir", str(tmp_path / "c")]) == 0
+    page = (tmp_path / "c" / "compare.md").read_text()
+    assert "| step | spin (spin) | ctrl (sft) | spin (spin) − ctrl (sft) |" in page
+    assert "| iteration 0 | 75.0% | 50.0% | +25.0 pts (1↑ 0↓" in page

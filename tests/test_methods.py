@@ -229,3 +229,33 @@ def test_prompts_without_a_pair_are_counted(tiny_model_dir, tmp_path, capsys):
     assert (f"iteration 0: {n['all_tie_prompts_left_out']} of 6 prompts give no pair: the judge "
             "tied all their samples") in capsys.readouterr().err
     assert f"| iteration 0 | 6 | {n['pairs']} | " in (out / "report.md").read_text()
+
+
+def test_compare_every_arm_from_one_theta0(tiny_model_dir, tmp_path_factory, tmp_path):
+    """The three methods' runs share θ_0 (the tiny model) and validation prompts: one table,
+    each arm's updates, and each chosen model read on test against θ_0 and the first arm's."""
+    runs = [str(finished(m, tiny_model_dir, tmp_path_factory)[0]) for m in ("spin", "dpo", "sppo")]
+    out = tmp_path / "cmp"
+    assert main(["compare", *runs, "--output_dir", str(out)]) == 0
+    page = (out / "compare.md").read_text()
+    spin, dpo, sppo = (f"{m}0/run ({m})" for m in ("spin", "dpo", "sppo"))
+    assert "on the same validation prompts" in page
+    assert f"| step | {spin} | {dpo} | {sppo} | {dpo} − {spin} | {sppo} − {spin} |" in page
+    assert "| arm | updates per iteration | stage time |" in page
+    # 6 pairs at batch 3; SPIN from iteration 1 on: previous + current pairs
+    assert f"| {spin} | 2, 4, 4 |" in page and f"| {dpo} | 2, 2 |" in page
+    chosen = page[page.index("## Each arm's model chosen on validation"):]
+    assert chosen.count("| start | 0.0% (0.0–49.0) | 0.0% (0.0–49.0) | +0.0 pts") == 3
+    assert f"| chosen − {spin}'s |" in chosen
+
+
+def test_the_control_arm_takes_max_steps(tiny_model_dir, tmp_path):
+    """--max_steps sets every arm's updates per iteration, the SFT control arm's too (before:
+    its SFT settings dropped it and it trained by epochs)."""
+    out = tmp_path / "ctrl"
+    assert main(["run", "--method", "sft", "--model", str(tiny_model_dir), "--output_dir",
+                 str(out), "--max_prompts", "6", "--tasks_test_size", "4", "--max_new_tokens",
+                 "6", "--per_device_train_batch_size", "3", "--max_steps", "5",
+                 "--num_iterations", "1", "--report_to", "none"]) == 0
+    done = json.loads((out / "iter0" / "model" / "training_complete.json").read_text())
+    assert done["steps"] == 5

@@ -184,6 +184,8 @@ def continue_sft(r: Run, it: Iteration) -> None:
     """The control arm's iteration: more SFT from θ_t, as many updates as SPIN's."""
     c = it.c
     training = c.sft_training(c.training.num_train_epochs)
+    if c.training.max_steps:        # as many updates as the self-play arms it is compared to
+        training = replace(training, max_steps=c.training.max_steps)
     if c.run.match_steps_of:
         training = replace(training, max_steps=spin_steps(Path(c.run.match_steps_of), it.t))
 
