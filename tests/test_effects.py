@@ -57,17 +57,23 @@ def test_resumable_keys_leave_every_record_alike():
 
 @pytest.mark.parametrize("key,kinds", [
     ("learning_rate", {"train"}), ("sft_learning_rate", {"sft", "control"}),
-    ("max_new_tokens", {"generate", "evaluate"}), ("judge", {"rank", "evaluate"}),
-    ("batch_size", set()), ("no_such_key_of_an_older_manifest",
-                            {"sft", "control", "generate", "rank", "convert", "train",
-                             "evaluate"})])
+    ("max_new_tokens", {"generate", "evaluate", "best"}), ("judge", {"rank", "evaluate", "best"}),
+    ("patience", {"loop", "best"}), ("batch_size", set()),
+    ("no_such_key_of_an_older_manifest", {"sft", "control", "generate", "rank", "convert",
+                                          "train", "evaluate", "best"})])
 def test_feeds_reads_the_declaration(key, kinds):
     assert feeds(key) == kinds
 
 
 def test_stage_kinds_of_manifest_keys():
-    assert [stage_kind(k) for k in ("sft/train", "sft/evaluate", "iter0/sft", "iter3/rank")] \
-        == ["sft", "evaluate", "control", "rank"]
+    assert [stage_kind(k) for k in ("sft/train", "sft/evaluate", "iter0/sft", "iter3/rank",
+                                    "best/evaluate")] \
+        == ["sft", "evaluate", "control", "rank", "best"]
+    # --patience changes only the choice; what the evaluations read, the choice too
+    order = ["base/evaluate", "iter0/train", "iter0/evaluate", "best/evaluate"]
+    assert affected_stages({"patience": 1}, {"patience": 2}, order) == ["best/evaluate"]
+    assert affected_stages({"max_new_tokens": 8}, {"max_new_tokens": 4}, order) == \
+        ["base/evaluate", "iter0/evaluate", "best/evaluate"]
     order = ["base/evaluate", "iter0/sft", "iter0/evaluate"]
     assert affected_stages({"sft_learning_rate": 1e-5}, {"sft_learning_rate": 2e-5}, order) \
         == ["iter0/sft"]

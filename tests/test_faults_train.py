@@ -187,3 +187,25 @@ def test_a_diverging_loss_stops_the_training(tiny_model_dir, tmp_path, capsys):
     assert "update 20: the loss of the last 10 updates" in err and "training diverges" in err
     assert not (out / "training_complete.json").exists()
     assert not (out / "model.safetensors").exists()
+
+
+def test_a_lost_reference_cache_is_recomputed_only_where_it_can_be(tiny_model_dir, tokenizer,
+                                                                  pairs_dir, tmp_path, capsys):
+    """Resumed with checkpoints but no reference_logps.json: a reference that is the starting
+    model has moved with training and cannot be scored again (one sentence); a reference
+    loaded for the pass alone (--reference_model, θ_0 of the regularized losses) can."""
+    from helpers import make_tiny_model
+    other = tmp_path / "theta_t"
+    make_tiny_model(tokenizer, seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    for name, extra, code in (("moved", [], 2), ("separate", ["--reference_model", str(other)], 0)):
+        out = tmp_path / name
+        args = ["train", "--model", str(tiny_model_dir), "--dataset", str(pairs_dir),
+                "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps",
+                "40", "--save_steps", "2", "--report_to", "none", *extra]
+        kill_after_first_checkpoint(args, out)
+        (out / "reference_logps.json").unlink()
+        capsys.readouterr()
+        assert main(args + ["--resume"]) == code
+        if code:
+            assert "has checkpoints but no reference_logps.json" in capsys.readouterr().err

@@ -74,6 +74,7 @@ def test_selection_needs_checkable_answers_on_the_same_prompts():
     (["--method", "sppo", "--ref_mixture", "0.5"], "--ref_mixture needs a loss of answer"),
     (["--method", "sppo", "--opponent_history", "2"], "it needs --method spin"),
     (["--patience", "2"], "it needs --select_on validation"),
+    (["--opponent_history", "2", "--fresh_prompts", "true"], "choose one of the two"),
     (["--select_on", "validation", "--eval_split", "validation"], "would make them one split"),
     (["--ref_mixture", "1.5"], "--ref_mixture must lie in [0, 1]"),
     (["--kl_type", "sideways"], "--kl_type"),
@@ -259,3 +260,21 @@ def test_the_control_arm_takes_max_steps(tiny_model_dir, tmp_path):
                  "--num_iterations", "1", "--report_to", "none"]) == 0
     done = json.loads((out / "iter0" / "model" / "training_complete.json").read_text())
     assert done["steps"] == 5
+
+
+def test_a_forced_patience_change_redoes_only_the_choice(tiny_model_dir, tmp_path_factory,
+                                                         tmp_path, capsys):
+    import shutil
+    out, args = finished("dpo", tiny_model_dir, tmp_path_factory)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    args = [copy if a == str(out) else a for a in args]
+    args = [str(a) for a in args]
+    capsys.readouterr()
+    assert main(args + ["--patience", "1", "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "[force] patience changed: redoing best/evaluate" in err
+    assert "[best/evaluate] redo (forced recipe change)" in err
+    # patience 1 stops after iteration 0, which gained nothing: the start and its 5 stages
+    assert err.count("done; skipped") == 6 and "stopping (--patience)" in err
+    assert json.loads((copy / "best" / "selection.json").read_text())["stopped_early"]

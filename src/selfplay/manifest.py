@@ -242,8 +242,8 @@ class Manifest:
         """Everything after `key`, which now holds other outputs. An evaluation is read only
         by the evaluations after it (their paired tests), so only those follow it."""
         after = self.order[self.order.index(key) + 1:]
-        if stage_kind(key) == "evaluate":
-            after = [s for s in after if stage_kind(s) == "evaluate"]
+        if stage_kind(key) == "evaluate":      # and the choice among them (--select_on)
+            after = [s for s in after if stage_kind(s) in ("evaluate", "best")]
         for later in after:
             rec = self.data["stages"].pop(later, None)
             if self.procs.main:

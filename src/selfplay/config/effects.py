@@ -18,7 +18,10 @@ def feeds(key: str) -> frozenset[str]:
     """The stage kinds a key's value changes (none for a resumable key; a key of no option,
     such as one of a manifest written by another version, feeds every stage)."""
     f = FIELDS.get(key)
-    return frozenset(ALL_STAGES) if f is None else f.metadata["feeds"]
+    if f is None:
+        return frozenset(ALL_STAGES)
+    kinds = f.metadata["feeds"]
+    return kinds | {"best"} if "evaluate" in kinds else kinds
 
 
 def recipe_of(flat: dict[str, Any]) -> dict[str, Any]:
@@ -51,9 +54,12 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], keys: list[str],
 
 def stage_kind(stage: str) -> str:
     """The kind of a manifest stage key: "sft/train" is the SFT stage that makes θ_0, an
-    iteration's "sft" the control arm's, the rest their own name after the "/"."""
+    iteration's "sft" the control arm's, "best/evaluate" the choice of the best model, the rest
+    their own name after the "/"."""
     if stage == "sft/train":
         return "sft"
+    if stage.startswith("best/"):
+        return "best"
     kind = stage.split("/", 1)[1]
     return "control" if kind == "sft" else kind
 

@@ -22,11 +22,13 @@ from selfplay.errors import SelfplayError
 #   sft       the SFT stage that makes θ_0 (manifest key "sft/train")
 #   control   an iteration of the SFT control arm, --method sft ("iter{t}/sft")
 #   generate, rank, convert, train, evaluate: the self-play iteration's stages
+#   best      --select_on: the best model chosen and read on test ("best/evaluate"); an
+#             evaluation, so every key that feeds `evaluate` feeds it too (effects.feeds)
 # and two that are not stages of a run directory: `loop`, the shape of the loop itself (which
 # stages exist), and `tasks`, the suite's export.
-STAGES = ("sft", "control", "generate", "rank", "convert", "train", "evaluate", "loop",
+STAGES = ("sft", "control", "generate", "rank", "convert", "train", "evaluate", "best", "loop",
           "tasks")
-ALL_STAGES = ("sft", "control", "generate", "rank", "convert", "train", "evaluate")
+ALL_STAGES = ("sft", "control", "generate", "rank", "convert", "train", "evaluate", "best")
 TRAINING_STAGES = ("sft", "train", "control")
 
 # Commands that read an option; `run` reads what its stages read.

@@ -224,7 +224,7 @@ class RunSettings:
                          {"run"}, choices=("", "validation"), feeds=("evaluate", "loop"))
     patience: int = opt(0, "With --select_on: stop after this many iterations in a row bring "
                         "no gain on validation over the best so far (0: run them all).",
-                        {"run"}, feeds=("loop", "evaluate"))
+                        {"run"}, feeds=("loop", "best"))
     match_steps_of: str = opt("", "With --method sft: a SPIN run directory whose iterations set "
                               "this arm's updates per iteration (--drop_identical can leave SPIN "
                               "fewer pairs than prompts).", {"run"}, feeds=("control",))
@@ -242,6 +242,9 @@ class RunSettings:
         need(self.opponent_history == 1 or self.method == "spin",
              "--opponent_history draws SPIN's generated answers from past iterates; it needs "
              "--method spin.")
+        need(self.opponent_history == 1 or not self.fresh_prompts,
+             "--opponent_history draws from earlier iterates' answers to the same prompts, "
+             "and with --fresh_prompts every iteration reads new ones: choose one of the two.")
         need(self.patience >= 0, "--patience must be 0 (run every iteration) or positive.")
         need(not self.patience or self.select_on, "--patience stops on validation; it needs "
              "--select_on validation.")

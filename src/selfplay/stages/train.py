@@ -224,6 +224,9 @@ def _fill(lp: LogProbPass, scorer, pairs: list[TrainPair], pad_id: int, accelera
           load_in_4bit: bool, bf16_params: bool) -> None:
     fp = _fingerprint(lp.stamp, load_in_4bit, pairs, bf16_params)
     w_field, l_field = lp.fields
+    # not the starting point (θ_t under start_from sft; θ_0 after iteration 0): loaded for
+    # this pass alone, so its log-probs can be computed again at any time
+    separate = lp.stamp.fingerprint != fingerprint(start.model_name_or_path)
     # Every process reads the cache between two barriers, before the main one may write it, so
     # all take the same path: one that found the cache the main process had just written, and
     # returned, left the others waiting forever at the barrier below (seen with two launchers).
@@ -236,15 +239,13 @@ def _fill(lp: LogProbPass, scorer, pairs: list[TrainPair], pad_id: int, accelera
                 setattr(p, w_field, w)
                 setattr(p, l_field, l)
             return
-    elif training.resume and any(getattr(p, w_field) is None for p in pairs) and \
-            out.checkpoints.exists():
+    elif training.resume and not separate and out.checkpoints.exists() and \
+            any(getattr(p, w_field) is None for p in pairs):
         raise SelfplayError(f"{out.root} has checkpoints but no {lp.cache.name}: the log-probs "
                             f"of {lp.stamp.model} cannot be recomputed from moved weights; "
                             "start over with --overwrite.")
     batch = training.per_device_train_batch_size * 2
-    if lp.stamp.fingerprint != fingerprint(start.model_name_or_path):
-        # not the starting point (θ_t under start_from sft; θ_0 after iteration 0): loaded
-        # for this pass only
+    if separate:
         ref, _ = load_model(lp.stamp.model, str(accelerator.device), start.dtype)
         compute_reference(ResponseLogProbs(ref, chunk), pairs, pad_id, batch, accelerator,
                           lp.fields)
