@@ -33,11 +33,11 @@ SAMPLED=(--num_samples 5 --temperature 0.7 --top_p 0.9 --judge rule)
 # draws from earlier answers to the same prompts, which fresh prompts do not have.
 ARMS=(
   "spin      --method spin --beta 5 --learning_rate 2e-6 --drop_identical true"
-  "spin-reg  --method spin --beta 5 --learning_rate 2e-6 --drop_identical true --ref_mixture 0.5"
+  "sft       --method sft"
   "dpo       --method dpo --beta 5 --learning_rate 2e-6 ${SAMPLED[*]}"
   "sppo      --method sppo --loss_type sppo --beta 0.1 --learning_rate 5e-6 ${SAMPLED[*]}"
   "rspo      --method sppo --loss_type sppo --beta 0.1 --learning_rate 5e-6 --kl_coef 0.1 --kl_type both ${SAMPLED[*]}"
-  "sft       --method sft"
+  "spin-reg  --method spin --beta 5 --learning_rate 2e-6 --drop_identical true --ref_mixture 0.5"
 )
 
 theta0() {

@@ -45,7 +45,10 @@ def _tree(d):
     return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("command", ["score", "rank", "convert", "evaluate"])
+# score's kill (the slowest: 600 rows scored twice) runs with -m slow; generate's own shard
+# resumption covers the same writer (tests/test_generate.py)
+@pytest.mark.parametrize("command", [pytest.param("score", marks=pytest.mark.slow), "rank",
+                                     "convert", "evaluate"])
 def test_a_command_killed_anywhere_reruns_to_the_same_outputs(command, tiny_model_dir, tmp_path):
     import numpy as np
     from helpers import kill_at_random_point, seconds_after

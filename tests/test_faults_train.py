@@ -189,6 +189,7 @@ def test_a_diverging_loss_stops_the_training(tiny_model_dir, tmp_path, capsys):
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow          # two trainings killed and resumed: 45 s on 2 cores
 def test_a_lost_reference_cache_is_recomputed_only_where_it_can_be(tiny_model_dir, tokenizer,
                                                                   pairs_dir, tmp_path, capsys):
     """Resumed with checkpoints but no reference_logps.json: a reference that is the starting

@@ -213,8 +213,9 @@ class RunSettings:
                               "iteration k-1).", {"run"}, resumable=True)
     force: bool = opt(False, "Resume a run directory even though the recipe changed.", {"run"},
                       resumable=True)
-    push_to_hub: str = opt("", "Push the final model to this hub repository (nothing is pushed "
-                           "unless set).", {"run"}, resumable=True)
+    push_to_hub: str = opt("", "Push the final model (with --select_on, the model chosen) to "
+                           "this hub repository (nothing is pushed unless set).", {"run"},
+                           resumable=True)
     opponent_history: int = opt(1, "Regularized SPIN (fictitious play): each pair's generated "
                                 "answer is drawn, per prompt and seeded, from the last h "
                                 "iterates' generations instead of θ_t's alone (1: SPIN).",

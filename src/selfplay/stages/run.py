@@ -129,7 +129,8 @@ def run(cfg: Config) -> Path:
             break
     if cfg.run.select_on:
         best_step(r, models)
-    return finish(r, theta)
+        theta = Model(choose(models, cfg.run.patience).chosen.path, r.paths.best_test_eval)
+    return finish(r, theta)      # pushes θ_T, or with --select_on the model chosen
 
 
 def open_run(cfg: Config) -> Run:
