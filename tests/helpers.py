@@ -63,6 +63,16 @@ def trl_oracle(tokenizer, tmp_path, rows: list[dict], loss_type: str, beta: floa
     return policy, ref, batch, loss, grads
 
 
+def interrupted_training(model_dir, pairs_dir: Path, out: Path, *extra: str) -> list[str]:
+    """`selfplay train` on the pairs of `pairs_dir`, a checkpoint every 2 updates, killed -9
+    after the first: its arguments, to resume with `--resume`."""
+    args = ["train", "--model", str(model_dir), "--dataset", str(pairs_dir), "--output_dir",
+            str(out), "--per_device_train_batch_size", "2", "--max_steps", "40", "--save_steps",
+            "2", "--report_to", "none", *extra]
+    kill_after_first_checkpoint(args, out)
+    return args
+
+
 def kill_after_first_checkpoint(args: list[str], out: Path, timeout: float = 120) -> None:
     """Run `python -m selfplay ARGS` and kill -9 it once its first checkpoint in `out` is
     complete: an interrupted training to resume."""

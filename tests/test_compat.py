@@ -114,7 +114,7 @@ def test_an_evaluation_of_the_first_version_reads(tmp_path):
 def test_a_checkpoint_from_before_content_hashes_resumes(tiny_model_dir, tmp_path):
     """Training checkpoints of selfplay before d75f237 kept the data as token counts alone,
     and no sharding options: they resume, compared on what they kept."""
-    from helpers import kill_after_first_checkpoint, write_parquet
+    from helpers import interrupted_training, write_parquet
     from selfplay.cli import main
     u = {"role": "user", "content": "What is 2 plus 2?"}
     rows = [{"real": [u, {"role": "assistant", "content": f"It is {i}."}],
@@ -122,10 +122,7 @@ def test_a_checkpoint_from_before_content_hashes_resumes(tiny_model_dir, tmp_pat
             for i in range(16)]
     data = write_parquet(tmp_path / "pairs" / "train_prefs-00000-of-00001.parquet", rows)
     out = tmp_path / "model"
-    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(data.parent),
-            "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps",
-            "40", "--save_steps", "2", "--report_to", "none"]
-    kill_after_first_checkpoint(args, out)
+    args = interrupted_training(tiny_model_dir, data.parent, out)
     for state in out.glob("checkpoints/step-*/trainer_state.json"):
         s = json.loads(state.read_text())
         for key in ("content", "fsdp", "fsdp_bf16_params"):

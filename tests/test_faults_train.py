@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from helpers import kill_after_first_checkpoint, write_parquet
+from helpers import interrupted_training, kill_after_first_checkpoint, write_parquet
 from selfplay.cli import main
 
 
@@ -201,10 +201,7 @@ def test_a_lost_reference_cache_is_recomputed_only_where_it_can_be(tiny_model_di
     tokenizer.save_pretrained(other)
     for name, extra, code in (("moved", [], 2), ("separate", ["--reference_model", str(other)], 0)):
         out = tmp_path / name
-        args = ["train", "--model", str(tiny_model_dir), "--dataset", str(pairs_dir),
-                "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps",
-                "40", "--save_steps", "2", "--report_to", "none", *extra]
-        kill_after_first_checkpoint(args, out)
+        args = interrupted_training(tiny_model_dir, pairs_dir, out, *extra)
         (out / "reference_logps.json").unlink()
         capsys.readouterr()
         assert main(args + ["--resume"]) == code

@@ -102,7 +102,7 @@ def test_a_resume_on_edited_pairs_is_refused(tiny_model_dir, tmp_path, capsys):
     new data and marked the model complete)."""
     import pyarrow.parquet as pq
 
-    from helpers import kill_after_first_checkpoint, write_parquet
+    from helpers import interrupted_training, write_parquet
     rows = []
     for i in range(16):
         u = {"role": "user", "content": f"What is {i} plus {i + 1}?"}
@@ -110,10 +110,7 @@ def test_a_resume_on_edited_pairs_is_refused(tiny_model_dir, tmp_path, capsys):
                      "generated": [u, {"role": "assistant", "content": f"Maybe {i}."}]})
     data = write_parquet(tmp_path / "pairs" / "train_prefs-00000-of-00001.parquet", rows)
     out = tmp_path / "model"
-    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(data.parent),
-            "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps",
-            "40", "--save_steps", "2", "--report_to", "none"]
-    kill_after_first_checkpoint(args, out)
+    args = interrupted_training(tiny_model_dir, data.parent, out)
     swap = str.maketrans("0123456789", "9876543210")
     for r in rows:
         r["real"][1]["content"] = r["real"][1]["content"].translate(swap)
