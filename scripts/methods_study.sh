@@ -6,6 +6,11 @@
 #   bash scripts/methods_study.sh theta0    # one step; later steps reuse earlier outputs
 #   bash scripts/methods_study.sh arm NAME  # one arm of ARMS below
 #   bash scripts/methods_study.sh compare   # the table and plot of the arms finished so far
+#   ITERATIONS=4 bash scripts/methods_study.sh arm NAME   # the second pass: 4 iterations, in
+#                                           # $OUT/NAME-4 (nothing in an iteration reads the
+#                                           # count: a copy of the 2-iteration run extended with
+#                                           # --num_iterations 4 (FORCE=1) computes the same
+#                                           # stages)
 #
 # θ_0 is the default run's SFT stage (SmolLM2-135M-Instruct, 1 epoch over the first 1,000
 # train examples, AdamW, lr 2e-5, batch 8). Every arm starts from it, reads the same fresh
@@ -18,11 +23,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/methods}
 SP=${SELFPLAY:-selfplay}
+ITERATIONS=${ITERATIONS:-2}
+SUFFIX=$([ "$ITERATIONS" = 2 ] || echo "-$ITERATIONS")
 THETA0=$OUT/theta0
 
 # What every arm shares: θ_0, prompts, updates, selection.
 COMMON=(--model "$THETA0" --sft_epochs 0 --dataset builtin:tasks --skip_prompts 1000
-        --max_prompts 128 --fresh_prompts true --num_iterations 2 --data_policy current
+        --max_prompts 128 --fresh_prompts true --num_iterations "$ITERATIONS" --data_policy current
         --max_steps 16 --per_device_train_batch_size 8 --optim adamw --warmup_ratio 0.1
         --max_new_tokens 128 --reference_likelihood false --select_on validation --seed 42)
 SAMPLED=(--num_samples 5 --temperature 0.7 --top_p 0.9 --judge rule)
@@ -46,7 +53,8 @@ theta0() {
 
 arm() {  # arm NAME [run options]
   local name=$1; shift
-  /usr/bin/time -f "$name: %e s wall" $SP run "${COMMON[@]}" "$@" --output_dir "$OUT/$name"
+  /usr/bin/time -f "$name$SUFFIX: %e s wall" $SP run "${COMMON[@]}" "$@" ${FORCE:+--force} \
+    --output_dir "$OUT/$name$SUFFIX"
 }
 
 pick() {  # pick NAME: the arm of ARMS whose first word is NAME
@@ -61,9 +69,9 @@ compare() {  # the arms finished so far, the control arm the reference of every 
   local dirs=()
   for v in "${ARMS[@]}"; do
     read -r -a a <<< "$v"
-    [ -f "$OUT/${a[0]}/best/selection.json" ] && dirs+=("$OUT/${a[0]}")
+    [ -f "$OUT/${a[0]}$SUFFIX/best/selection.json" ] && dirs+=("$OUT/${a[0]}$SUFFIX")
   done
-  $SP compare "${dirs[@]}" --output_dir "$OUT/compare"
+  $SP compare "${dirs[@]}" --output_dir "$OUT/compare$SUFFIX"
 }
 
 case ${1:-all} in

@@ -189,7 +189,7 @@ def test_iterative_dpo_pairs_best_against_worst(tiny_model_dir, tmp_path_factory
     out, _ = finished("dpo", tiny_model_dir, tmp_path_factory)
     pairs = pq.read_table(out / "iter0" / "pairs" / "train_prefs-00000-of-00001.parquet")
     rows = pairs.to_pylist()
-    assert {"prompt", "chosen", "rejected"} <= set(pairs.column_names)
+    assert {"chosen", "rejected", "chosen_probs"} <= set(pairs.column_names)
     ranked = [json.loads(x) for x in next((out / "iter0" / "ranked").glob("*.jsonl"))
               .read_text().splitlines()]
     by_id = {r["prompt_id"]: r for r in ranked}
@@ -202,6 +202,34 @@ def test_iterative_dpo_pairs_best_against_worst(tiny_model_dir, tmp_path_factory
     conv = json.loads((out / "iter0" / "pairs" / "convert_report.json").read_text())
     n = conv["splits"]["train"]
     assert n["pairs"] + n["all_tie_prompts_left_out"] == 6
+
+
+def test_trl_reads_the_dpo_pairs(tiny_model_dir, tmp_path_factory, tmp_path):
+    """TRL's DPOTrainer takes the pair files as they are: its prompt is the chat's prompt, its
+    completions the answers alone (a `prompt` column beside whole chats gave it the prompt
+    twice), and it trains on them."""
+    pytest.importorskip("trl")
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    out, _ = finished("dpo", tiny_model_dir, tmp_path_factory)
+    files = str(out / "iter0" / "pairs" / "train_prefs-00000-of-00001.parquet")
+    rows = load_dataset("parquet", data_files=files, split="train")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                     report_to=[], use_cpu=True, bf16=False, save_strategy="no")
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                         train_dataset=rows, processing_class=tok)
+    assert len(trainer.train_dataset) == len(rows) > 0
+    for row, ex in zip(rows, trainer.train_dataset):
+        prompt = tok.apply_chat_template(row["chosen"][:-1], add_generation_prompt=True,
+                                         tokenize=False)
+        assert tok.decode(ex["prompt_ids"]) == prompt
+        for side in ("chosen", "rejected"):
+            text = tok.decode(ex[f"{side}_ids"])
+            assert text.startswith(row[side][-1]["content"])
+            assert row[side][0]["content"] not in text             # the prompt not repeated
+    assert trainer.train().training_loss > 0
 
 
 def test_regularized_spin_draws_opponents_and_mixes_theta0(tiny_model_dir, tmp_path_factory):
@@ -262,14 +290,18 @@ def test_the_control_arm_takes_max_steps(tiny_model_dir, tmp_path):
     assert done["steps"] == 5
 
 
-def test_a_forced_patience_change_redoes_only_the_choice(tiny_model_dir, tmp_path_factory,
-                                                         tmp_path, capsys):
+def copy_of_finished(method, model_dir, tmp_path_factory, tmp_path):
+    """A copy of the tiny run of `method`, to change: its directory and arguments."""
     import shutil
-    out, args = finished("dpo", tiny_model_dir, tmp_path_factory)
+    out, args = finished(method, model_dir, tmp_path_factory)
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    args = [copy if a == str(out) else a for a in args]
-    args = [str(a) for a in args]
+    return copy, [str(copy) if a == str(out) else a for a in args]
+
+
+def test_a_forced_patience_change_redoes_only_the_choice(tiny_model_dir, tmp_path_factory,
+                                                         tmp_path, capsys):
+    copy, args = copy_of_finished("dpo", tiny_model_dir, tmp_path_factory, tmp_path)
     capsys.readouterr()
     assert main(args + ["--patience", "1", "--force"]) == 0
     err = capsys.readouterr().err
@@ -278,3 +310,19 @@ def test_a_forced_patience_change_redoes_only_the_choice(tiny_model_dir, tmp_pat
     # patience 1 stops after iteration 0, which gained nothing: the start and its 5 stages
     assert err.count("done; skipped") == 6 and "stopping (--patience)" in err
     assert json.loads((copy / "best" / "selection.json").read_text())["stopped_early"]
+
+
+def test_a_run_given_other_iterations_chooses_again(tiny_model_dir, tmp_path_factory, tmp_path,
+                                                    capsys):
+    """Cut or extended with --num_iterations (--force), a --select_on run chooses among the
+    models it now has (before: the choice among the old ones was kept as done)."""
+    copy, args = copy_of_finished("dpo", tiny_model_dir, tmp_path_factory, tmp_path)
+    for n, names in ((1, ["start", "iteration 0"]),
+                     (3, ["start", "iteration 0", "iteration 1", "iteration 2"])):
+        capsys.readouterr()
+        assert main(args + ["--num_iterations", str(n), "--force"]) == 0
+        err = capsys.readouterr().err
+        assert "[best/evaluate] redo (it read start, iteration 0" in err
+        sel = json.loads((copy / "best" / "selection.json").read_text())
+        assert [v["name"] for v in sel["verdicts"]] == names
+    assert "[iter1/train] done; skipped" in err and "[iter2/train] start" in err

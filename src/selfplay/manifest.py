@@ -203,22 +203,29 @@ class Manifest:
         """Whether a forced recipe change makes `key` redo its work from scratch."""
         return key in self.data.get("redo", [])
 
-    def stage(self, key: str, outputs: list[Path], work, *, everyone: bool = False) -> bool:
+    def stage(self, key: str, outputs: list[Path], work, *, everyone: bool = False,
+              reads: list[str] | None = None) -> bool:
         """Run `work` unless the stage is done with intact outputs; True if it ran. With
         `everyone`, every process runs it (generation, ranking, evaluation, training); else
-        the main process."""
+        the main process. `reads` names inputs that the loop's shape decides (the models a
+        choice is made among): a record made from other ones is redone."""
         rec = self.data["stages"].get(key)
         forced = self.redoing(key)
+        # a record without `reads` (an earlier version's) may have read other ones: redone
+        moved = rec is not None and reads is not None and rec.get("reads") != reads
         say = print if self.procs.main else (lambda *a, **k: None)
         if self.procs.agree(rec is not None and rec["state"] == "done" and not forced
-                            and checksums(outputs, self.root) == rec["checksums"]):
+                            and not moved and checksums(outputs, self.root) == rec["checksums"]):
             say(f"[{key}] done; skipped", file=sys.stderr)
             return False
-        say(f"[{key}] {'redo (forced recipe change)' if forced else 'redo' if rec else 'start'}",
-            file=sys.stderr)
-        self.data["stages"][key] = {"state": "running", "started": time.time()}
+        say(f"[{key}] " + ("redo (forced recipe change)" if forced else
+                           f"redo (it read {', '.join(rec.get('reads') or ['?'])}; now "
+                           f"{', '.join(reads or [])})" if moved else
+                           "redo" if rec else "start"), file=sys.stderr)
+        self.data["stages"][key] = {"state": "running", "started": time.time(),
+                                    **({"reads": reads} if reads is not None else {})}
         self.save()
-        if forced:     # what the old recipe wrote must not be resumed or reused as complete
+        if forced or moved:   # what other inputs made must not be resumed or reused as complete
             self.procs.on_main(partial(remove, outputs))
         t = time.perf_counter()
         if everyone:
@@ -232,6 +239,7 @@ class Manifest:
             self.invalidate_after(key)
         self.data["stages"][key] = {"state": "done", "checksums": sums,
                                     "seconds": round(time.perf_counter() - t, 1),
+                                    **({"reads": reads} if reads is not None else {}),
                                     **({"forced": True} if forced else {})}
         if forced:
             self.data["redo"].remove(key)

@@ -9,9 +9,11 @@ so that those and ours are interchangeable:
          `generated_tokens`, `finish_reason`, `ref_logp_real`, `ref_ntok_real`,
          `ref_logp_generated`, `ref_ntok_generated`, `score_*` (the stamp: model, truncation,
          fingerprint of the weights)
-  sppo   `prompt`, `chosen`, `rejected`, `chosen_probs`, `chosen_probs_win`,
-         `chosen_probs_lose`, as the official SPPO data; ours: `judge`, `finish_reason`,
-         `ref_logp_chosen`, `ref_logp_rejected`, `score_*`
+  sppo   `chosen`, `rejected` (whole chats: the prompt's turns and the answer),
+         `chosen_probs`, `chosen_probs_win`, `chosen_probs_lose`, as the official SPPO data
+         (without its `prompt` string, which TRL's DPOTrainer cannot read beside chats);
+         ours: `judge`, `finish_reason`, `ref_logp_chosen`, `ref_logp_rejected`, `score_*`.
+         TRL's DPOTrainer reads these files as they are.
 
 This module is the only place that knows those column names. TRL-style preference rows
 (`prompt`, `chosen`, `rejected`) read as the sppo columns without probabilities.
@@ -104,7 +106,10 @@ def spin_row(p: PreferencePair) -> dict[str, Any]:
 
 
 def sppo_row(p: PreferencePair) -> dict[str, Any]:
-    row = {"prompt_id": p.prompt_id, "prompt": p.prompt, "chosen": _chat(p.prompt, p.chosen),
+    # No `prompt` column: `chosen`/`rejected` are whole chats, which SPPO's (alignment
+    # handbook) reader splits at the last turn and TRL's DPOTrainer splits at their common
+    # prefix; beside them, a `prompt` column of messages would give TRL the prompt twice.
+    row = {"prompt_id": p.prompt_id, "chosen": _chat(p.prompt, p.chosen),
            "rejected": _chat(p.prompt, p.rejected), "chosen_probs": p.chosen_probs,
            "chosen_probs_win": p.chosen_probs_win, "chosen_probs_lose": p.chosen_probs_lose,
            "judge": p.judge, "finish_reason": p.finish_reason, **p.extra}

@@ -316,7 +316,9 @@ def best_step(r: Run, models: list[tuple[str, Model]]) -> None:
         r.procs.on_main(lambda: write_json_atomic(p.selection, sel.to_json()))
         r.procs.say(f"best on validation: {sel.reason()}")
 
-    r.manifest.stage("best/evaluate", [p.best, p.test], work, everyone=True)
+    # a run extended (or cut) to other iterations chooses again, among the models it now has
+    r.manifest.stage("best/evaluate", [p.best, p.test], work, everyone=True,
+                     reads=[name for name, _ in models])
 
 
 def link_model(src: Path, dest: Path) -> None:
