@@ -37,7 +37,9 @@ SAMPLED=(--num_samples 5 --temperature 0.7 --top_p 0.9 --judge rule)
 # name, run options. The SPIN recipe is docs/sft-study.md's (chosen there on validation);
 # SPPO's is the default SPPO run's; the others take their method's closest recipe untuned.
 # Regularized SPIN is α-SPIN's reference mixture alone: fictitious play (--opponent_history)
-# draws from earlier answers to the same prompts, which fresh prompts do not have.
+# draws from earlier answers to the same prompts, which fresh prompts do not have. dpo-b0.1 is
+# a second DPO recipe (DPO's usual β, SPPO's learning rate), to choose between the two on
+# validation.
 ARMS=(
   "spin      --method spin --beta 5 --learning_rate 2e-6 --drop_identical true"
   "sft       --method sft"
@@ -45,6 +47,7 @@ ARMS=(
   "sppo      --method sppo --loss_type sppo --beta 0.1 --learning_rate 5e-6 ${SAMPLED[*]}"
   "rspo      --method sppo --loss_type sppo --beta 0.1 --learning_rate 5e-6 --kl_coef 0.1 --kl_type both ${SAMPLED[*]}"
   "spin-reg  --method spin --beta 5 --learning_rate 2e-6 --drop_identical true --ref_mixture 0.5"
+  "dpo-b0.1  --method dpo --beta 0.1 --learning_rate 5e-6 ${SAMPLED[*]}"
 )
 
 theta0() {

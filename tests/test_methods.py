@@ -322,7 +322,7 @@ def test_a_run_given_other_iterations_chooses_again(tiny_model_dir, tmp_path_fac
         capsys.readouterr()
         assert main(args + ["--num_iterations", str(n), "--force"]) == 0
         err = capsys.readouterr().err
-        assert "[best/evaluate] redo (it read start, iteration 0" in err
+        assert "[best/evaluate] redo (its inputs were start, iteration 0" in err
         sel = json.loads((copy / "best" / "selection.json").read_text())
         assert [v["name"] for v in sel["verdicts"]] == names
     assert "[iter1/train] done; skipped" in err and "[iter2/train] start" in err

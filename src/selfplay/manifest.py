@@ -218,9 +218,10 @@ class Manifest:
                             and not moved and checksums(outputs, self.root) == rec["checksums"]):
             say(f"[{key}] done; skipped", file=sys.stderr)
             return False
+        was = ("its inputs were " + ", ".join(rec["reads"]) if moved and rec.get("reads")
+               else "its inputs were not recorded")
         say(f"[{key}] " + ("redo (forced recipe change)" if forced else
-                           f"redo (it read {', '.join(rec.get('reads') or ['?'])}; now "
-                           f"{', '.join(reads or [])})" if moved else
+                           f"redo ({was}; now {', '.join(reads or [])})" if moved else
                            "redo" if rec else "start"), file=sys.stderr)
         self.data["stages"][key] = {"state": "running", "started": time.time(),
                                     **({"reads": reads} if reads is not None else {})}
