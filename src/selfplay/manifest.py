@@ -218,13 +218,15 @@ class Manifest:
                             and not moved and checksums(outputs, self.root) == rec["checksums"]):
             say(f"[{key}] done; skipped", file=sys.stderr)
             return False
-        was = ("its inputs were " + ", ".join(rec["reads"]) if moved and rec.get("reads")
-               else "its inputs were not recorded")
-        say(f"[{key}] " + ("redo (forced recipe change)" if forced else
-                           f"redo ({was}; now {', '.join(reads or [])})" if moved else
-                           "redo" if rec else "start"), file=sys.stderr)
-        self.data["stages"][key] = {"state": "running", "started": time.time(),
-                                    **({"reads": reads} if reads is not None else {})}
+        if forced:
+            why = "redo (forced recipe change)"
+        elif moved:
+            was = ", ".join(rec["reads"]) if rec.get("reads") else "not recorded"
+            why = f"redo (its inputs were {was}; now {', '.join(reads)})"
+        else:
+            why = "redo" if rec else "start"
+        say(f"[{key}] {why}", file=sys.stderr)
+        self.data["stages"][key] = {"state": "running", "started": time.time()}
         self.save()
         if forced or moved:   # what other inputs made must not be resumed or reused as complete
             self.procs.on_main(partial(remove, outputs))

@@ -128,8 +128,7 @@ def run(cfg: Config) -> Path:
                         "gain on validation; stopping (--patience).")
             break
     if cfg.run.select_on:
-        best_step(r, models)
-        theta = Model(choose(models, cfg.run.patience).chosen.path, r.paths.best_test_eval)
+        theta = best_step(r, models)
     return finish(r, theta)      # pushes θ_T, or with --select_on the model chosen
 
 
@@ -297,14 +296,14 @@ def choose(models: list[tuple[str, Model]], patience: int) -> Selection:
                   patience)
 
 
-def best_step(r: Run, models: list[tuple[str, Model]]) -> None:
+def best_step(r: Run, models: list[tuple[str, Model]]) -> Model:
     """--select_on: the best model on validation, linked into best/, and the test split read
-    once, by θ_0 and by it (paired on the same prompts)."""
+    once, by θ_0 and by it (paired on the same prompts); returns the model chosen."""
     c, p = r.cfg, r.paths
     test = replace(c.data, max_prompts=0, skip_prompts=0)      # the split the run would read
+    sel = choose(models, c.run.patience)
 
     def work() -> None:
-        sel = choose(models, c.run.patience)
         r.procs.on_main(lambda: link_model(Path(sel.chosen.path), p.best))
         theta0 = evaluate_into(r, c, models[0][1].path, test, p.theta0_test_eval, None)
         best = theta0 if sel.best == 0 else evaluate_into(
@@ -319,6 +318,7 @@ def best_step(r: Run, models: list[tuple[str, Model]]) -> None:
     # a run extended (or cut) to other iterations chooses again, among the models it now has
     r.manifest.stage("best/evaluate", [p.best, p.test], work, everyone=True,
                      reads=[name for name, _ in models])
+    return Model(sel.chosen.path, p.best_test_eval)
 
 
 def link_model(src: Path, dest: Path) -> None:
